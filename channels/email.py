@@ -1,0 +1,50 @@
+"""Email over SMTP, with SMTP reply codes mapped to transient and permanent errors."""
+
+from __future__ import annotations
+
+import smtplib
+from email.message import EmailMessage
+from email.utils import make_msgid
+
+from exceptions import PermanentError, TransientError
+from settings import Settings
+
+
+def build_message(settings: Settings, to: str, subject: str, body: str) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = settings.smtp_from
+    message["To"] = to
+    message["Subject"] = subject
+    message["Message-ID"] = make_msgid(domain=settings.smtp_from.rpartition("@")[2] or "localhost")
+    message.set_content(body)
+    return message
+
+
+def send(settings: Settings, message: EmailMessage) -> None:
+    """Send one message; raise `TransientError` or `PermanentError` when it does not go out."""
+    if not settings.smtp_host:
+        raise PermanentError("SMTP_HOST is not configured")
+    try:
+        _deliver(settings, message)
+    except smtplib.SMTPResponseException as exc:
+        raise _classify(exc.smtp_code, exc.smtp_error) from None
+    except smtplib.SMTPRecipientsRefused as exc:
+        code, reply = next(iter(exc.recipients.values()))
+        raise _classify(code, reply) from None
+    except (OSError, smtplib.SMTPException) as exc:  # refused, reset, timeout, server went away
+        raise TransientError(f"SMTP server unreachable: {type(exc).__name__}: {exc}") from None
+
+
+def _deliver(settings: Settings, message: EmailMessage) -> None:
+    with smtplib.SMTP(settings.smtp_host or "", settings.smtp_port, timeout=settings.smtp_timeout) as smtp:
+        if settings.smtp_starttls:
+            smtp.starttls()
+        if settings.smtp_username and settings.smtp_password:
+            smtp.login(settings.smtp_username, settings.smtp_password.get_secret_value())
+        smtp.send_message(message)
+
+
+def _classify(code: int, reply: bytes | str) -> TransientError | PermanentError:
+    text = reply.decode(errors="replace") if isinstance(reply, bytes) else reply
+    error_class = PermanentError if 500 <= code < 600 else TransientError
+    return error_class(f"SMTP {code}: {text}")

@@ -1,0 +1,32 @@
+"""Errors the job functions raise, and that decide whether RQ retries them."""
+
+
+class DeliveryError(Exception):
+    """A notification could not be delivered."""
+
+
+class TransientError(DeliveryError):
+    """Worth retrying later: connection refused, timeout, SMTP 4xx, HTTP 5xx."""
+
+
+class PermanentError(DeliveryError):
+    """Retrying cannot help: SMTP 5xx rejection, invalid recipient, missing configuration."""
+
+
+class ServiceError(Exception):
+    """An error the API turns into a 4xx answer; its message is safe to show a client."""
+
+
+class UnknownTaskError(ServiceError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"unknown task {name!r}; known tasks: {', '.join(known)}")
+        self.known = known
+
+
+class JobNotFoundError(ServiceError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r}")
+
+
+class JobStateError(ServiceError):
+    """The job exists but is in a state that does not allow the operation."""

@@ -1,0 +1,51 @@
+"""Configuration, read once from the environment and `.env` (see `.env.example`)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+QUEUE_NAMES: tuple[str, ...] = ("high", "default", "low")
+"""Queue names in the order a worker serves them: a waiting `high` job always goes first."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    environment: Literal["local", "production"] = "local"
+
+    redis_url: str = "redis://localhost:6379/0"
+    redis_socket_timeout: float = Field(0.5, gt=0, description="seconds; bounds every API call to Redis")
+    redis_appendfsync: Literal["always", "everysec", "no"] = "everysec"
+
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_from: str = "notifications@localhost"
+    smtp_starttls: bool = False
+    smtp_timeout: float = Field(10.0, gt=0)
+
+    retry_max: int = Field(4, ge=0, description="retries after the first attempt")
+    retry_base_seconds: int = Field(60, ge=1)
+    retry_cap_seconds: int = Field(3600, ge=1)
+    retry_jitter: float = Field(0.1, ge=0, le=1, description="up to this fraction is added to each delay")
+
+    job_timeout_seconds: int = Field(180, ge=1)
+    result_ttl_seconds: int = Field(86_400, ge=0)
+    failure_ttl_seconds: int = Field(7 * 86_400, ge=1)
+
+    worker_count: int = Field(2, ge=1)
+
+    @property
+    def smtp_configured(self) -> bool:
+        return bool(self.smtp_host)
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings; tests call `get_settings.cache_clear()` after changing the env."""
+    return Settings()

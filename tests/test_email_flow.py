@@ -1,0 +1,98 @@
+"""End to end: the API, a real Redis, real worker processes and a real SMTP server."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi.testclient import TestClient
+from redis import Redis
+
+from mailsink import MailSink
+from tests.conftest import StartProcess
+from tests.helpers import wait_until
+
+EMAIL = {"to": "ann@example.com", "subject": "Hi", "body": "Welcome"}
+
+
+def _wait_for_status(client: TestClient, job_id: str, status: str, timeout: float = 15) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        job: dict[str, Any] = client.get(f"/job/{job_id}").json()
+        return job if job["status"] == status else None
+
+    return wait_until(reached, timeout, interval=0.05, what=f"job {job_id} to be {status}")
+
+
+def test_email_goes_out_over_smtp_and_the_job_finishes(client: TestClient, smtp: MailSink, worker: object) -> None:
+    job_id = client.post("/send-email", json=EMAIL).json()["job_id"]
+    [message] = smtp.wait_for(1)
+    assert (message["To"], message["Subject"], message.get_content().strip()) == ("ann@example.com", "Hi", "Welcome")
+    job = _wait_for_status(client, job_id, "finished")
+    assert job["result"] == {"to": "ann@example.com", "message_id": message["Message-ID"]}
+    assert job["created_at"] <= job["enqueued_at"] <= job["started_at"] <= job["ended_at"]
+    assert job["error"] is None and job["retries_left"] == 4
+
+
+def test_transient_smtp_failures_are_retried_with_backoff_then_succeed(
+    client: TestClient, smtp: MailSink, worker: object
+) -> None:
+    smtp.fail_next(2, "451 4.3.0 Mailbox busy")
+    posted = time.monotonic()
+    job_id = client.post("/send-email", json=EMAIL).json()["job_id"]
+    smtp.wait_for(1, timeout=20)
+    elapsed = time.monotonic() - posted
+    job = _wait_for_status(client, job_id, "finished")
+    assert job["retries_left"] == 2
+    assert elapsed >= 1 + 2 - 1, "retry delays of 1 s and 2 s (whole-second scheduling may round down)"
+
+
+def test_permanent_failure_is_not_retried_is_listed_and_can_be_requeued(
+    client: TestClient, smtp: MailSink, worker: object
+) -> None:
+    smtp.fail_next(1, "550 5.1.1 No such user")
+    job_id = client.post("/send-email", json=EMAIL).json()["job_id"]
+    job = _wait_for_status(client, job_id, "failed")
+    assert job["retries_left"] == 0
+    assert job["error"] == {"type": "PermanentError", "message": "SMTP 550: 5.1.1 No such user"}
+    failed = client.get("/jobs/failed").json()
+    assert failed["total"] == 1 and failed["jobs"][0]["id"] == job_id
+    assert smtp.messages == []
+
+    response = client.post(f"/job/{job_id}/requeue")
+    assert response.status_code == 202 and response.json()["retries_left"] == 4
+    smtp.wait_for(1)
+    assert _wait_for_status(client, job_id, "finished")["error"] is None
+    assert client.get("/jobs/failed").json()["total"] == 0
+    assert client.delete(f"/job/{job_id}").status_code == 409
+
+
+def test_high_priority_is_served_before_default_and_low(
+    client: TestClient, smtp: MailSink, processes: StartProcess, redis: Redis
+) -> None:
+    for n, priority in enumerate(["low", "low", "default", "low", "high"]):
+        client.post("/send-email", json={**EMAIL, "subject": f"{priority}-{n}", "priority": priority})
+    worker = processes("worker.py", "--burst")
+    assert worker.wait(timeout=30) == 0
+    assert [message["Subject"] for message in smtp.wait_for(5)] == ["high-4", "default-2", "low-0", "low-1", "low-3"]
+
+
+def test_canceled_job_never_runs(client: TestClient, smtp: MailSink, processes: StartProcess) -> None:
+    canceled = client.post("/send-email", json={**EMAIL, "subject": "canceled"}).json()["job_id"]
+    kept = client.post("/send-email", json={**EMAIL, "subject": "kept"}).json()["job_id"]
+    assert client.delete(f"/job/{canceled}").status_code == 200
+    assert processes("worker.py", "--burst").wait(timeout=30) == 0
+    assert _wait_for_status(client, kept, "finished")
+    assert [message["Subject"] for message in smtp.messages] == ["kept"]
+    assert client.get(f"/job/{canceled}").json()["status"] == "canceled"
+
+
+def test_plain_rq_workers_never_leave_a_retry_stuck(
+    client: TestClient, smtp: MailSink, processes: StartProcess, env: dict[str, str]
+) -> None:
+    """Only stock `rq worker`s consume; the project's scheduler process moves the retry on."""
+    processes("rq", "worker", "--url", env["REDIS_URL"], "high", "default", "low", wait_for_workers=1)
+    processes("scheduler.py")
+    smtp.fail_next(1)
+    job_id = client.post("/send-email", json=EMAIL).json()["job_id"]
+    smtp.wait_for(1, timeout=20)
+    assert _wait_for_status(client, job_id, "finished")["retries_left"] == 3
