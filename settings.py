@@ -40,6 +40,13 @@ class Settings(BaseSettings):
 
     worker_count: int = Field(2, ge=1)
 
+    schedule_horizon_days: int = Field(30, ge=1, description="send_at further ahead than this is refused")
+    schedule_past_tolerance_seconds: int = Field(60, ge=0, description="send_at this far in the past runs at once")
+
+    dashboard_username: str = "admin"
+    dashboard_password: SecretStr | None = Field(None, description="rq-dashboard at /rq is served only with one")
+    dashboard_read_only: bool = Field(False, description="hide rq-dashboard's delete/empty/requeue actions")
+
     @property
     def smtp_configured(self) -> bool:
         return bool(self.smtp_host)
