@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Path, Query, Request
@@ -10,9 +11,10 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from rq.job import Job
+from rq.job import Job, JobStatus
 
 import queues
+from dashboard import mount_dashboard
 from exceptions import JobNotFoundError, JobStateError, UnknownTaskError
 from schemas import (
     JOB_ID_PATTERN,
@@ -25,6 +27,7 @@ from schemas import (
     Problem,
     SendEmailRequest,
 )
+from settings import get_settings
 
 log = logging.getLogger("app")
 
@@ -59,13 +62,17 @@ async def job_state_conflict(request: Request, exc: JobStateError) -> JSONRespon
 def _accepted(job: Job) -> JobAccepted:
     status = job.get_status(refresh=False)
     return JobAccepted(
-        job_id=job.id, status=status.value if status else "queued", queue=job.origin, status_url=f"/job/{job.id}"
+        job_id=job.id,
+        status=status.value if status else "queued",
+        queue=job.origin,
+        status_url=f"/job/{job.id}",
+        scheduled_for=queues.scheduled_for(job) if status == JobStatus.SCHEDULED else None,
     )
 
 
-def _enqueue(task: str, kwargs: dict[str, Any], priority: Priority) -> JobAccepted:
+def _enqueue(task: str, kwargs: dict[str, Any], priority: Priority, due: datetime | None = None) -> JobAccepted:
     try:
-        return _accepted(queues.enqueue_task(task, kwargs, priority))
+        return _accepted(queues.enqueue_task(task, kwargs, priority, due))
     except UnknownTaskError as exc:
         raise HTTPException(422, {"msg": str(exc), "known_tasks": exc.known}) from None
     except ValidationError as exc:
@@ -73,13 +80,14 @@ def _enqueue(task: str, kwargs: dict[str, Any], priority: Priority) -> JobAccept
         raise HTTPException(422, [{**error, "loc": ["body", "kwargs", *error["loc"]]} for error in errors]) from None
 
 
-@app.post("/send-email", status_code=202, response_model=JobAccepted)
+@app.post("/send-email", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)
 def send_email(request: SendEmailRequest) -> JobAccepted:
-    """Queue one email; it is sent by a worker, retried with backoff on transient failures."""
-    return _enqueue("send_email", request.model_dump(include=set(EmailArgs.model_fields)), request.priority)
+    """Queue one email, now or later; a worker sends it, retrying transient failures with backoff."""
+    arguments = request.model_dump(include=set(EmailArgs.model_fields))
+    return _enqueue("send_email", arguments, request.priority, request.due_at())
 
 
-@app.get("/send-email/{email}", status_code=202, response_model=JobAccepted)
+@app.get("/send-email/{email}", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)
 def send_welcome_email(email: str) -> JobAccepted:
     """Browser-friendly: queue a welcome email to the address in the path."""
     try:
@@ -89,10 +97,10 @@ def send_welcome_email(email: str) -> JobAccepted:
     return _enqueue("send_email", message.model_dump(), "default")
 
 
-@app.post("/jobs", status_code=202, response_model=JobAccepted)
+@app.post("/jobs", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)
 def create_job(request: JobRequest) -> JobAccepted:
-    """Queue any task registered in `tasks.TASKS`; an unknown name is refused."""
-    return _enqueue(request.task, request.kwargs, request.priority)
+    """Queue any task registered in `tasks.TASKS`, now or later; an unknown name is refused."""
+    return _enqueue(request.task, request.kwargs, request.priority, request.due_at())
 
 
 @app.get("/jobs/failed", response_model=JobPage)
@@ -103,6 +111,16 @@ def list_failed_jobs(
 ) -> JobPage:
     """Failed jobs with their error, newest first; all queues unless one is named."""
     total, jobs = queues.failed_jobs(queue, offset, limit)
+    return JobPage(total=total, offset=offset, limit=limit, jobs=[queues.job_view(job) for job in jobs])
+
+
+@app.get("/jobs/scheduled", response_model=JobPage)
+def list_scheduled_jobs(
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> JobPage:
+    """Jobs waiting for their time, soonest first: delayed jobs and retries waiting out their backoff."""
+    total, jobs = queues.scheduled_jobs(offset, limit)
     return JobPage(total=total, offset=offset, limit=limit, jobs=[queues.job_view(job) for job in jobs])
 
 
@@ -128,3 +146,6 @@ def healthz() -> dict[str, str]:
     """200 when Redis answers; Redis errors become the 503 above."""
     queues.get_redis().ping()
     return {"status": "ok", "redis": "ok"}
+
+
+mount_dashboard(app, get_settings())

@@ -6,6 +6,7 @@ Shared by the API and the workers; it never imports the web layer.
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, cast
 
@@ -14,7 +15,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry as RedisRetry
 from rq import Callback, Queue, Retry
 from rq.job import Job, JobStatus
-from rq.registry import FailedJobRegistry
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 from rq.results import Result
 
 from exceptions import JobNotFoundError, JobStateError, PermanentError, UnknownTaskError
@@ -23,6 +24,8 @@ from settings import QUEUE_NAMES, Settings, get_settings
 from tasks import TASKS
 
 CANCELABLE = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+DELAYED_JOBS_KEY = "rq:scheduler:scheduled_jobs"
+"""rq-scheduler's sorted set of delayed jobs, scored by due time (Unix seconds, kept with fractions)."""
 
 
 @lru_cache(maxsize=8)
@@ -75,26 +78,40 @@ def on_job_failure(job: Job, connection: Redis, exc_type: type, exc_value: BaseE
         job.retries_left = 0
 
 
-def enqueue_task(name: str, kwargs: dict[str, Any], priority: Priority = "default") -> Job:
-    """Validate a registered task's arguments and put it on the queue named by `priority`.
+def enqueue_task(name: str, kwargs: dict[str, Any], priority: Priority = "default", due: datetime | None = None) -> Job:
+    """Validate a registered task's arguments and queue it, or hand it to rq-scheduler when `due`.
 
     Raises `UnknownTaskError`, or pydantic's `ValidationError` for bad arguments.
     """
     task = TASKS.get(name)
     if task is None:
         raise UnknownTaskError(name, sorted(TASKS))
-    arguments = task.args.model_validate(kwargs).model_dump(mode="json")
     settings = get_settings()
-    return get_queue(priority).enqueue_call(
-        task.func,
-        kwargs=arguments,
-        timeout=settings.job_timeout_seconds,
-        result_ttl=settings.result_ttl_seconds,
-        failure_ttl=settings.failure_ttl_seconds,
-        retry=retry_policy(settings),
-        on_failure=Callback(on_job_failure),
-        meta={"task": name},
-    )
+    options: dict[str, Any] = {
+        "kwargs": task.args.model_validate(kwargs).model_dump(mode="json"),
+        "timeout": settings.job_timeout_seconds,
+        "result_ttl": settings.result_ttl_seconds,
+        "failure_ttl": settings.failure_ttl_seconds,
+        "retry": retry_policy(settings),
+        "on_failure": Callback(on_job_failure),
+        "meta": {"task": name},
+    }
+    queue = get_queue(priority)
+    if due is None:
+        return queue.enqueue_call(task.func, **options)
+    return _schedule(queue, queue.create_job(task.func, status=JobStatus.SCHEDULED, **options), due)
+
+
+def _schedule(queue: Queue, job: Job, due: datetime) -> Job:
+    """Hand a job to rq-scheduler, as its `enqueue_at` does, but keeping the job's `Retry`.
+
+    The job and its due time are written in one transaction, so the scheduler never sees half of it.
+    """
+    with queue.connection.pipeline() as pipeline:
+        job.save(pipeline=pipeline)
+        pipeline.zadd(DELAYED_JOBS_KEY, {job.id: due.timestamp()})
+        pipeline.execute()
+    return job
 
 
 def fetch_job(job_id: str) -> Job:
@@ -107,6 +124,7 @@ def fetch_job(job_id: str) -> Job:
 def cancel_job(job_id: str) -> Job:
     """Cancel a job that has not started; a job that ran (or runs) cannot be canceled."""
     job = fetch_job(job_id)
+    job.connection.zrem(DELAYED_JOBS_KEY, job.id)  # first, so rq-scheduler cannot move it any more
     status = job.get_status()
     if status not in CANCELABLE:
         raise JobStateError(f"job {job_id} is {status.value}; only queued or scheduled jobs can be canceled")
@@ -126,18 +144,42 @@ def requeue_job(job_id: str) -> Job:
 
 def failed_jobs(queue: Priority | None, offset: int, limit: int) -> tuple[int, list[Job]]:
     """Failed jobs, newest first, across one queue or all of them."""
-    connection = get_redis()
-    registries = [FailedJobRegistry(name, connection=connection) for name in ([queue] if queue else QUEUE_NAMES)]
-    total = sum(registry.count for registry in registries)
-    entries: list[tuple[float, str]] = []
-    for registry in registries:
-        newest = cast(
-            list[tuple[bytes, float]], connection.zrevrange(registry.key, 0, offset + limit - 1, withscores=True)
-        )
-        entries.extend((score, job_id.decode()) for job_id, score in newest)
-    entries.sort(reverse=True)
-    page = [job_id for _, job_id in entries[offset : offset + limit]]
-    return total, [job for job in Job.fetch_many(page, connection=connection) if job is not None]
+    keys = [FailedJobRegistry(name, connection=get_redis()).key for name in ([queue] if queue else QUEUE_NAMES)]
+    total, page = _merged_page(keys, offset, limit, newest_first=True)
+    return total, _fetch_existing([job_id for job_id, _ in page])
+
+
+def scheduled_jobs(offset: int, limit: int) -> tuple[int, list[Job]]:
+    """Jobs waiting for their time, soonest first: delayed ones (rq-scheduler) and retries (RQ)."""
+    keys = [DELAYED_JOBS_KEY, *(ScheduledJobRegistry(name, connection=get_redis()).key for name in QUEUE_NAMES)]
+    total, page = _merged_page(keys, offset, limit, newest_first=False)
+    return total, _fetch_existing([job_id for job_id, _ in page])
+
+
+def _merged_page(keys: list[str], offset: int, limit: int, newest_first: bool) -> tuple[int, list[tuple[str, float]]]:
+    """One page of several sorted sets merged by score, reading no more than the page needs from each."""
+    with get_redis().pipeline(transaction=False) as pipeline:
+        for key in keys:
+            pipeline.zcard(key)
+            read = pipeline.zrevrange if newest_first else pipeline.zrange
+            read(key, 0, offset + limit - 1, withscores=True)
+        replies = pipeline.execute()
+    total = sum(replies[0::2])
+    entries = [(job_id.decode(), score) for reply in replies[1::2] for job_id, score in reply]
+    entries.sort(key=lambda entry: cast(float, entry[1]), reverse=newest_first)
+    return total, entries[offset : offset + limit]
+
+
+def _fetch_existing(job_ids: list[str]) -> list[Job]:
+    return [job for job in Job.fetch_many(job_ids, connection=get_redis()) if job is not None]
+
+
+def scheduled_for(job: Job) -> datetime | None:
+    """When a scheduled job is due: from rq-scheduler's set, else from RQ's retry registry."""
+    score = job.connection.zscore(DELAYED_JOBS_KEY, job.id)
+    if score is None:
+        score = job.connection.zscore(ScheduledJobRegistry(job.origin, connection=job.connection).key, job.id)
+    return datetime.fromtimestamp(score, UTC) if score is not None else None
 
 
 def job_view(job: Job) -> JobView:
@@ -152,6 +194,7 @@ def job_view(job: Job) -> JobView:
         started_at=job.started_at,
         ended_at=job.ended_at,
         retries_left=job.retries_left,
+        scheduled_for=scheduled_for(job) if status == JobStatus.SCHEDULED else None,
         result=job.return_value() if status == JobStatus.FINISHED else None,
         error=_job_error(job) if status in (JobStatus.FAILED, JobStatus.SCHEDULED, JobStatus.QUEUED) else None,
     )

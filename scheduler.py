@@ -1,26 +1,78 @@
-"""Scheduler entry point: `python scheduler.py` moves due jobs onto their queues.
+"""Scheduler entry point: `python scheduler.py` moves due jobs onto their queues, every second.
 
-It runs RQ's scheduler, which carries out the retry delays of RQ's `Retry`, so retried
-jobs also move on where only plain `rq worker` processes (without `--with-scheduler`) run.
-Schedulers coordinate through a lock per queue in Redis: any number may run, one acts.
+One loop runs two schedulers:
+- rq-scheduler, for delayed jobs (`delay_seconds` / `send_at`), with its lock so that only one
+  of several scheduler processes moves jobs at a time;
+- RQ's own scheduler, for the delays of RQ's `Retry`, so retries move on even where only plain
+  `rq worker` processes (without `--with-scheduler`) run. It holds a lock per queue.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import time
+from typing import Any
 
 from redis import Redis
 from rq.scheduler import RQScheduler
+from rq_scheduler import Scheduler
 
 from settings import QUEUE_NAMES, get_settings
+
+log = logging.getLogger("scheduler")
+
+
+class DelayedJobScheduler(Scheduler):  # type: ignore[misc]
+    """rq-scheduler, comparing due times to the fraction of a second: a job never starts early."""
+
+    def get_jobs_to_queue(self, with_times: bool = False) -> Any:
+        return self.get_jobs(time.time(), with_times=with_times)
+
+
+class SchedulerLoop:
+    def __init__(self, connection: Redis, interval: float) -> None:
+        self.interval = interval
+        self.delayed = DelayedJobScheduler(connection=connection, interval=interval)
+        self.retries = RQScheduler(list(QUEUE_NAMES), connection=connection, interval=max(1, round(interval)))
+        self.stopping = False
+
+    def tick(self) -> None:
+        if self.delayed.acquire_lock():
+            try:
+                self.delayed.enqueue_jobs()
+            finally:
+                self.delayed.remove_lock()
+        if self.retries.acquired_locks != set(QUEUE_NAMES):
+            self.retries.acquire_locks()  # at once, not only every two minutes as RQ's own loop does
+        self.retries.heartbeat()
+        self.retries.enqueue_scheduled_jobs()
+        self.delayed.heartbeat()
+
+    def run(self) -> None:
+        self.delayed.register_birth()
+        self.retries.register_birth()
+        try:
+            while not self.stopping:
+                started = time.monotonic()
+                self.tick()
+                time.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+        finally:
+            self.retries.stop()
+            self.delayed.register_death()
+
+    def stop(self, *_: object) -> None:
+        self.stopping = True
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    connection = Redis.from_url(get_settings().redis_url)
-    scheduler = RQScheduler(list(QUEUE_NAMES), connection=connection, interval=1)
-    scheduler.acquire_locks()
-    scheduler.work()
+    settings = get_settings()
+    loop = SchedulerLoop(Redis.from_url(settings.redis_url), settings.scheduler_interval_seconds)
+    signal.signal(signal.SIGTERM, loop.stop)
+    signal.signal(signal.SIGINT, loop.stop)
+    log.info("scheduler started: delayed jobs and retry delays, every %.1f s", loop.interval)
+    loop.run()
 
 
 if __name__ == "__main__":

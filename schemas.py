@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, EmailStr, Field, JsonValue
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    JsonValue,
+    model_validator,
+)
+
+from settings import get_settings
 
 Priority = Literal["high", "default", "low"]
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -39,11 +51,37 @@ class NoArgs(StrictModel):
     """Arguments of a task that takes none."""
 
 
-class SendEmailRequest(EmailArgs):
+class Schedule(BaseModel):
+    """When to run: now (neither field), after `delay_seconds`, or at `send_at` (with a timezone)."""
+
+    delay_seconds: float | None = Field(None, ge=0, description="run this many seconds from now")
+    send_at: AwareDatetime | None = Field(None, description="run at this time (ISO-8601 with a timezone)")
+
+    @model_validator(mode="after")
+    def _one_way_and_within_horizon(self) -> Schedule:
+        if self.delay_seconds is not None and self.send_at is not None:
+            raise ValueError("give either delay_seconds or send_at, not both")
+        due = self.due_at()
+        settings = get_settings()
+        now = datetime.now(UTC)
+        if due and due > now + timedelta(days=settings.schedule_horizon_days):
+            raise ValueError(f"must be within {settings.schedule_horizon_days} days from now")
+        if due and due < now - timedelta(seconds=settings.schedule_past_tolerance_seconds):
+            raise ValueError(f"send_at is more than {settings.schedule_past_tolerance_seconds} s in the past")
+        return self
+
+    def due_at(self) -> datetime | None:
+        """The due time in UTC, or None to run at once (a slightly past `send_at` is due at once)."""
+        if self.delay_seconds is not None:
+            return datetime.now(UTC) + timedelta(seconds=self.delay_seconds)
+        return self.send_at.astimezone(UTC) if self.send_at else None
+
+
+class SendEmailRequest(EmailArgs, Schedule):
     priority: Priority = "default"
 
 
-class JobRequest(StrictModel):
+class JobRequest(StrictModel, Schedule):
     task: str = Field(min_length=1, max_length=100, examples=["send_email"])
     kwargs: dict[str, JsonValue] = Field(default_factory=dict)
     priority: Priority = "default"
@@ -54,6 +92,7 @@ class JobAccepted(BaseModel):
     status: str
     queue: str
     status_url: str
+    scheduled_for: datetime | None = None
 
 
 class JobError(BaseModel):
@@ -71,6 +110,7 @@ class JobView(BaseModel):
     started_at: datetime | None
     ended_at: datetime | None
     retries_left: int | None
+    scheduled_for: datetime | None = None
     result: Any = None
     error: JobError | None = None
 

