@@ -5,11 +5,13 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 QUEUE_NAMES: tuple[str, ...] = ("high", "default", "low")
 """Queue names in the order a worker serves them: a waiting `high` job always goes first."""
+DEFAULT_WEBHOOK_SECRET = "whsec_bG9jYWwtZGV2ZWxvcG1lbnQtc2VjcmV0"
+"""For local use only: settings refuse it outside ENVIRONMENT=local."""
 
 
 class Settings(BaseSettings):
@@ -41,12 +43,29 @@ class Settings(BaseSettings):
     worker_count: int = Field(2, ge=1)
 
     scheduler_interval_seconds: float = Field(1.0, gt=0, le=60)
+    email_max_attempts: int = Field(5, ge=1)
+    webhook_max_attempts: int = Field(5, ge=1)
+    in_app_max_attempts: int = Field(1, ge=1)
+
+    webhook_secret: SecretStr = Field(
+        SecretStr(DEFAULT_WEBHOOK_SECRET), description="Standard Webhooks secret, whsec_<base64>"
+    )
+    webhook_timeout_seconds: float = Field(10.0, gt=0)
+    webhook_allow_private: bool = Field(False, description="allow private, loopback and link-local targets")
+    inbox_size: int = Field(100, ge=1, description="in-app notifications kept per user")
+
     schedule_horizon_days: int = Field(30, ge=1, description="send_at further ahead than this is refused")
     schedule_past_tolerance_seconds: int = Field(60, ge=0, description="send_at this far in the past runs at once")
 
     dashboard_username: str = "admin"
     dashboard_password: SecretStr | None = Field(None, description="rq-dashboard at /rq is served only with one")
     dashboard_read_only: bool = Field(False, description="hide rq-dashboard's delete/empty/requeue actions")
+
+    @model_validator(mode="after")
+    def _no_default_secrets_outside_local(self) -> Settings:
+        if self.environment != "local" and self.webhook_secret.get_secret_value() == DEFAULT_WEBHOOK_SECRET:
+            raise ValueError("WEBHOOK_SECRET must be set outside local use; the default is public")
+        return self
 
     @property
     def smtp_configured(self) -> bool:

@@ -6,8 +6,9 @@ import smtplib
 from email.message import EmailMessage
 from email.utils import make_msgid
 
+from channels.base import Message
 from exceptions import PermanentError, TransientError
-from settings import Settings
+from settings import Settings, get_settings
 
 
 def build_message(settings: Settings, to: str, subject: str, body: str) -> EmailMessage:
@@ -48,3 +49,12 @@ def _classify(code: int, reply: bytes | str) -> TransientError | PermanentError:
     text = reply.decode(errors="replace") if isinstance(reply, bytes) else reply
     error_class = PermanentError if 500 <= code < 600 else TransientError
     return error_class(f"SMTP {code}: {text}")
+
+
+def send_notification(message: Message) -> None:
+    """The email channel: the notification's title as subject, its body as text."""
+    if not message.target:
+        raise PermanentError("no email address for this user")
+    settings = get_settings()
+    email = build_message(settings, message.target, message.title, message.body)
+    send(settings, email)

@@ -1,0 +1,7 @@
+"""Webhook channel (placeholder until implemented)."""
+
+from channels.base import Message
+
+
+def send(message: Message) -> None:
+    raise NotImplementedError
