@@ -3,29 +3,50 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any
+from uuid import uuid4
 
-from fastapi import FastAPI, HTTPException, Path, Query, Request
+from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.job import Job, JobStatus
 
+import dispatch
+import idempotency
+import inbox
+import notifications
 import queues
 from dashboard import mount_dashboard
-from exceptions import JobNotFoundError, JobStateError, UnknownTaskError
+from exceptions import (
+    IdempotencyConflict,
+    JobNotFoundError,
+    JobStateError,
+    ServiceError,
+    TargetError,
+    TemplateError,
+    UnknownTaskError,
+)
 from schemas import (
+    ID_PATTERN,
     JOB_ID_PATTERN,
+    ChannelName,
     EmailArgs,
     JobAccepted,
     JobPage,
     JobRequest,
     JobView,
+    NotificationAccepted,
+    NotificationRequest,
+    NotificationView,
     Priority,
     Problem,
     SendEmailRequest,
+    UserContact,
 )
 from settings import get_settings
 
@@ -49,14 +70,53 @@ async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "Redis is unavailable; try again shortly"}, status_code=503)
 
 
-@app.exception_handler(JobNotFoundError)
-async def job_not_found(request: Request, exc: JobNotFoundError) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=404)
+STATUS_OF_ERROR: dict[type[ServiceError], int] = {
+    JobNotFoundError: 404,
+    JobStateError: 409,
+    IdempotencyConflict: 409,
+    TargetError: 422,
+    TemplateError: 422,
+}
 
 
-@app.exception_handler(JobStateError)
-async def job_state_conflict(request: Request, exc: JobStateError) -> JSONResponse:
-    return JSONResponse({"detail": str(exc)}, status_code=409)
+@app.exception_handler(ServiceError)
+async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+    """Errors whose message is meant for the client: unknown ids, conflicts, unusable input."""
+    status = next((code for kind, code in STATUS_OF_ERROR.items() if isinstance(exc, kind)), 400)
+    return JSONResponse({"detail": str(exc)}, status_code=status)
+
+
+@app.middleware("http")
+async def correlation_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """`X-Request-ID` from the client (a plain token) or a new one, on the request and the answer."""
+    given = request.headers.get("x-request-id", "")
+    request.state.correlation_id = given if re.fullmatch(ID_PATTERN, given) else uuid4().hex
+    response = await call_next(request)
+    response.headers["X-Request-ID"] = request.state.correlation_id
+    return response
+
+
+IdempotencyKey = Annotated[
+    str | None, Header(pattern=idempotency.KEY_PATTERN, description="same key within 24 h: same answer, nothing new")
+]
+
+
+def _idempotent(scope: str, key: str | None, body: BaseModel, make: Callable[[], BaseModel]) -> dict[str, Any]:
+    """Run `make` once per Idempotency-Key and body; repeat the first answer for the same key."""
+    answer = body.model_dump(mode="json")
+    if key is None:
+        return make().model_dump(mode="json", exclude_none=True)
+    connection, digest = queues.get_redis(), idempotency.body_hash(answer)
+    first = idempotency.claim(connection, scope, key, digest)
+    if first is not None:
+        return first
+    try:
+        made = make().model_dump(mode="json", exclude_none=True)
+    except BaseException:
+        idempotency.release(connection, scope, key)
+        raise
+    idempotency.store(connection, scope, key, digest, made)
+    return made
 
 
 def _accepted(job: Job) -> JobAccepted:
@@ -81,10 +141,15 @@ def _enqueue(task: str, kwargs: dict[str, Any], priority: Priority, due: datetim
 
 
 @app.post("/send-email", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)
-def send_email(request: SendEmailRequest) -> JobAccepted:
+def send_email(request: SendEmailRequest, idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
     """Queue one email, now or later; a worker sends it, retrying transient failures with backoff."""
     arguments = request.model_dump(include=set(EmailArgs.model_fields))
-    return _enqueue("send_email", arguments, request.priority, request.due_at())
+    return _idempotent(
+        "send-email",
+        idempotency_key,
+        request,
+        lambda: _enqueue("send_email", arguments, request.priority, request.due_at()),
+    )
 
 
 @app.get("/send-email/{email}", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)
@@ -139,6 +204,54 @@ def cancel_job(job_id: JobId) -> JobView:
 def requeue_job(job_id: JobId) -> JobView:
     """Put a failed job back on its queue with its retries restored."""
     return queues.job_view(queues.requeue_job(job_id))
+
+
+@app.post("/notifications", status_code=202, response_model=NotificationAccepted)
+def create_notification(
+    body: NotificationRequest, request: Request, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any]:
+    """Notify a user over one or more channels; each channel's delivery is its own job and record."""
+    correlation = request.state.correlation_id
+    return _idempotent("notifications", idempotency_key, body, lambda: dispatch.create_notification(body, correlation))
+
+
+NotificationId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+
+
+def _found(view: NotificationView | None, notification_id: str) -> NotificationView:
+    if view is None:
+        raise HTTPException(404, f"no notification with id {notification_id!r}")
+    return view
+
+
+@app.get("/notifications/{notification_id}", response_model=NotificationView)
+def get_notification(notification_id: NotificationId) -> NotificationView:
+    """The notification and each delivery: status, attempts, next retry, last error."""
+    return _found(dispatch.get_notification(notification_id), notification_id)
+
+
+@app.delete("/notifications/{notification_id}", response_model=NotificationView)
+def cancel_notification(notification_id: NotificationId) -> NotificationView:
+    """Cancel every delivery that has not been made yet."""
+    return _found(dispatch.cancel_notification(notification_id), notification_id)
+
+
+@app.post("/notifications/{notification_id}/deliveries/{channel}/retry", status_code=202)
+def retry_delivery(notification_id: NotificationId, channel: ChannelName) -> NotificationView:
+    """Retry a failed delivery now, with a fresh attempt budget (409 unless it failed)."""
+    return _found(dispatch.retry_delivery(notification_id, channel), notification_id)
+
+
+@app.put("/users/{user_id}/contact", response_model=UserContact)
+def save_contact(user_id: Annotated[str, Path(pattern=ID_PATTERN)], contact: UserContact) -> UserContact:
+    """Store where a user's email and webhook notifications go when a request names no target."""
+    if contact.webhook_url:
+        dispatch.check_webhook_url(contact.webhook_url)
+    notifications.save_contact(queues.get_redis(), user_id, contact.model_dump(mode="json"))
+    return contact
+
+
+app.include_router(inbox.router)
 
 
 @app.get("/healthz", responses={503: {"model": Problem}})

@@ -30,3 +30,15 @@ class JobNotFoundError(ServiceError):
 
 class JobStateError(ServiceError):
     """The job exists but is in a state that does not allow the operation."""
+
+
+class TemplateError(ServiceError):
+    """A notification template is unknown, or could not be rendered with the given values."""
+
+
+class TargetError(ServiceError):
+    """A notification cannot be addressed: no email address or webhook URL, or a refused URL."""
+
+
+class IdempotencyConflict(ServiceError):
+    """The Idempotency-Key was used with another body, or its first request is still running."""

@@ -6,12 +6,15 @@ Shared by the API and the workers; it never imports the web layer.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, cast
 
 from redis import Redis
 from redis.backoff import NoBackoff
+from redis.client import Pipeline
 from redis.retry import Retry as RedisRetry
 from rq import Callback, Queue, Retry
 from rq.job import Job, JobStatus
@@ -51,23 +54,23 @@ def get_queue(name: str, connection: Redis | None = None) -> Queue:
     return Queue(name, connection=connection or get_redis())
 
 
-def backoff_intervals(settings: Settings, rng: random.Random | None = None) -> list[int]:
+def backoff_intervals(settings: Settings, rng: random.Random | None = None, retries: int | None = None) -> list[int]:
     """Exponential backoff with jitter: `min(base * 2**n, cap)`, plus up to `jitter` of it.
 
     RQ only takes a list of delays, so the list is computed here, once per job.
     """
     rng = rng or random.Random()
     delays = []
-    for attempt in range(settings.retry_max):
+    for attempt in range(settings.retry_max if retries is None else retries):
         delay = min(settings.retry_base_seconds * 2**attempt, settings.retry_cap_seconds)
         delays.append(round(delay * (1 + rng.uniform(0, settings.retry_jitter))))
     return delays
 
 
-def retry_policy(settings: Settings) -> Retry | None:
-    if settings.retry_max == 0:
-        return None
-    return Retry(max=settings.retry_max, interval=backoff_intervals(settings))
+def retry_policy(settings: Settings, retries: int | None = None) -> Retry | None:
+    """RQ's `Retry` with our backoff; `retries` defaults to `RETRY_MAX`. None when no retries."""
+    retries = settings.retry_max if retries is None else retries
+    return Retry(max=retries, interval=backoff_intervals(settings, retries=retries)) if retries else None
 
 
 def on_job_failure(job: Job, connection: Redis, exc_type: type, exc_value: BaseException, tb: Any) -> None:
@@ -86,32 +89,53 @@ def enqueue_task(name: str, kwargs: dict[str, Any], priority: Priority = "defaul
     task = TASKS.get(name)
     if task is None:
         raise UnknownTaskError(name, sorted(TASKS))
+    arguments = task.args.model_validate(kwargs).model_dump(mode="json")
+    queue = get_queue(priority)
+    job = queue.create_job(
+        task.func, kwargs=arguments, meta={"task": name}, **job_options(retry_policy(get_settings()))
+    )
+    with transaction() as pipeline:
+        submit(queue, job, due, pipeline)
+    return job
+
+
+@contextmanager
+def transaction() -> Iterator[Pipeline]:
+    """A MULTI/EXEC pipeline, executed on leaving the block.
+
+    MULTI is started explicitly: RQ's `enqueue_job` would start it itself, which fails once other
+    commands are queued before it.
+    """
+    with get_redis().pipeline() as pipeline:
+        pipeline.multi()
+        yield pipeline
+        pipeline.execute()
+
+
+def job_options(retry: Retry | None) -> dict[str, Any]:
+    """Timeouts, TTLs, retries and the failure callback that every job of the service gets."""
     settings = get_settings()
-    options: dict[str, Any] = {
-        "kwargs": task.args.model_validate(kwargs).model_dump(mode="json"),
+    return {
         "timeout": settings.job_timeout_seconds,
         "result_ttl": settings.result_ttl_seconds,
         "failure_ttl": settings.failure_ttl_seconds,
-        "retry": retry_policy(settings),
+        "retry": retry,
         "on_failure": Callback(on_job_failure),
-        "meta": {"task": name},
     }
-    queue = get_queue(priority)
-    if due is None:
-        return queue.enqueue_call(task.func, **options)
-    return _schedule(queue, queue.create_job(task.func, status=JobStatus.SCHEDULED, **options), due)
 
 
-def _schedule(queue: Queue, job: Job, due: datetime) -> Job:
-    """Hand a job to rq-scheduler, as its `enqueue_at` does, but keeping the job's `Retry`.
+def submit(queue: Queue, job: Job, due: datetime | None, pipeline: Pipeline) -> None:
+    """Add a created job to `pipeline`: onto its queue now, or to rq-scheduler's set when `due`.
 
-    The job and its due time are written in one transaction, so the scheduler never sees half of it.
+    rq-scheduler's own `enqueue_at` would drop the job's `Retry`, so the job is written here, and the
+    caller's transaction makes the job and its place in the queue or schedule appear together.
     """
-    with queue.connection.pipeline() as pipeline:
-        job.save(pipeline=pipeline)
-        pipeline.zadd(DELAYED_JOBS_KEY, {job.id: due.timestamp()})
-        pipeline.execute()
-    return job
+    if due is None:
+        queue.enqueue_job(job, pipeline=pipeline)
+        return
+    job.set_status(JobStatus.SCHEDULED, pipeline=pipeline)
+    job.save(pipeline=pipeline)
+    pipeline.zadd(DELAYED_JOBS_KEY, {job.id: due.timestamp()})
 
 
 def fetch_job(job_id: str) -> Job:

@@ -126,3 +126,86 @@ class Problem(BaseModel):
     """The JSON body of every error answer."""
 
     detail: Any
+
+
+ChannelName = Literal["email", "webhook", "in_app"]
+NotificationPriority = Literal["urgent", "high", "normal", "low"]
+DeliveryStatus = Literal["pending", "scheduled", "sending", "delivered", "retrying", "failed", "expired", "canceled"]
+ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
+"""User ids, entity ids and correlation ids: plain tokens, safe in Redis keys and log lines."""
+QUEUE_OF_PRIORITY: dict[str, Priority] = {"urgent": "high", "high": "high", "normal": "default", "low": "low"}
+
+Token = Annotated[str, Field(pattern=ID_PATTERN)]
+
+
+class NotificationRequest(StrictModel, Schedule):
+    user_id: Token
+    channels: list[ChannelName] = Field(min_length=1, max_length=3)
+    title: HeaderText | None = None
+    body: str | None = Field(None, max_length=100_000)
+    template: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    context: dict[str, JsonValue] = Field(default_factory=dict)
+    priority: NotificationPriority = "normal"
+    expires_at: AwareDatetime | None = None
+    email: EmailStr | None = Field(None, description="recipient; defaults to the user's stored address")
+    webhook_url: str | None = Field(None, max_length=2048, description="defaults to the user's stored URL")
+    source_entity_type: Token | None = None
+    source_entity_id: Token | None = None
+
+    @model_validator(mode="after")
+    def _content_and_channels(self) -> NotificationRequest:
+        if len(set(self.channels)) != len(self.channels):
+            raise ValueError("channels must not repeat")
+        if self.template is None and (self.title is None or self.body is None):
+            raise ValueError("give title and body, or a template (with its context)")
+        if self.template is not None and (self.title is not None or self.body is not None):
+            raise ValueError("give title and body, or a template, not both")
+        return self
+
+
+class UserContact(StrictModel):
+    email: EmailStr | None = None
+    webhook_url: str | None = Field(None, max_length=2048)
+
+
+class DeliveryAccepted(BaseModel):
+    channel: ChannelName
+    delivery_id: str
+    job_id: str
+    status: DeliveryStatus
+
+
+class NotificationAccepted(BaseModel):
+    notification_id: str
+    correlation_id: str
+    status_url: str
+    deliveries: list[DeliveryAccepted]
+
+
+class DeliveryView(BaseModel):
+    delivery_id: str
+    channel: ChannelName
+    status: DeliveryStatus
+    job_id: str
+    attempts: int
+    max_attempts: int
+    next_retry_at: datetime | None = None
+    last_error: str | None = None
+    error_category: Literal["transient", "permanent"] | None = None
+    created_at: datetime
+    updated_at: datetime
+    delivered_at: datetime | None = None
+
+
+class NotificationView(BaseModel):
+    notification_id: str
+    user_id: str
+    title: str
+    priority: NotificationPriority
+    correlation_id: str
+    created_at: datetime
+    scheduled_for: datetime | None = None
+    expires_at: datetime | None = None
+    source_entity_type: str | None = None
+    source_entity_id: str | None = None
+    deliveries: list[DeliveryView]

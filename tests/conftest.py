@@ -19,6 +19,7 @@ import mailsink
 import queues
 from settings import get_settings
 from tests.helpers import start_process, stop_process, wait_until
+from tests.receiver import Receiver
 
 FAST_RETRIES = {"RETRY_BASE_SECONDS": "1", "RETRY_CAP_SECONDS": "4", "RETRY_JITTER": "0", "RETRY_MAX": "4"}
 
@@ -115,3 +116,13 @@ def fake_redis(monkeypatch: pytest.MonkeyPatch) -> Iterator[fakeredis.FakeRedis]
     yield connection
     connection.flushall()
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def webhooks(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Iterator[Receiver]:
+    """A real HTTP receiver on loopback; loopback targets are allowed for the test (and its workers)."""
+    monkeypatch.setenv("WEBHOOK_ALLOW_PRIVATE", "true")
+    get_settings.cache_clear()
+    server = Receiver().start()
+    yield server
+    server.stop()

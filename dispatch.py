@@ -1,0 +1,165 @@
+"""Turn a notification request into its records and one delivery job per channel.
+
+Everything a request can get wrong (template, variables, missing or refused targets) is found here,
+before anything is written, so it is a 422 at request time and never a failed job later.
+"""
+
+from __future__ import annotations
+
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import notifications
+import queues
+import rendering
+import tasks
+from channels.base import Message
+from channels.webhook import check_url
+from exceptions import JobNotFoundError, JobStateError, TargetError
+from schemas import QUEUE_OF_PRIORITY, NotificationAccepted, NotificationRequest, NotificationView
+from settings import get_settings
+
+
+@dataclass(frozen=True)
+class Content:
+    title: str
+    body: str
+    payload: dict[str, Any]
+
+
+def create_notification(request: NotificationRequest, correlation_id: str) -> NotificationAccepted:
+    connection = queues.get_redis()
+    contents = _contents(request)
+    targets = _targets(request, notifications.load_contact(connection, request.user_id))
+    notification_id, created, due = notifications.new_id(), notifications.now_iso(), request.due_at()
+    queue = queues.get_queue(QUEUE_OF_PRIORITY[request.priority])
+    record = {
+        **request.model_dump(mode="json", include={"user_id", "priority", "source_entity_type", "source_entity_id"}),
+        "notification_id": notification_id,
+        "title": contents[request.channels[0]].title,
+        "correlation_id": correlation_id,
+        "created_at": created,
+        "scheduled_for": due.isoformat() if due else None,
+        "expires_at": request.expires_at.isoformat() if request.expires_at else None,
+    }
+    deliveries, jobs = [], []
+    for channel in request.channels:
+        content = contents[channel]
+        message = Message(
+            notifications.new_id(), notification_id, request.user_id, content.title, content.body,
+            targets.get(channel), content.payload, created, correlation_id,
+        )  # fmt: skip
+        attempts = _max_attempts(channel)
+        status = "scheduled" if due else "pending"
+        deliveries.append(notifications.new_delivery(message, channel, attempts, status, record["expires_at"]))
+        jobs.append(_delivery_job(queue, message, channel, attempts))
+    with queues.transaction() as pipeline:
+        notifications.write(pipeline, record, deliveries)
+        for job in jobs:
+            queues.submit(queue, job, due, pipeline)
+    return _accepted(record, deliveries)
+
+
+def _delivery_job(queue: Any, message: Message, channel: str, attempts: int) -> Any:
+    meta = {"task": f"deliver_{channel}", "correlation_id": message.correlation_id}
+    retry = queues.retry_policy(get_settings(), retries=attempts - 1)
+    return queue.create_job(
+        tasks.deliver_notification,
+        kwargs={"delivery_id": message.delivery_id},
+        job_id=message.delivery_id,
+        meta=meta,
+        **queues.job_options(retry),
+    )
+
+
+def _max_attempts(channel: str) -> int:
+    settings = get_settings()
+    return {"email": settings.email_max_attempts, "webhook": settings.webhook_max_attempts}.get(
+        channel, settings.in_app_max_attempts
+    )
+
+
+def _contents(request: NotificationRequest) -> dict[str, Content]:
+    """Per channel title, body and payload: the request's own, or its template rendered now."""
+    source = {"type": request.source_entity_type, "id": request.source_entity_id} if request.source_entity_id else {}
+    extra = {"source_entity": source} if source else {}
+    if request.template is None:
+        plain = Content(request.title or "", request.body or "", extra)
+        return dict.fromkeys(request.channels, plain)
+    parts = rendering.render(request.template, request.context)
+    return {
+        "email": Content(parts.email_subject, parts.email_body, extra),
+        "in_app": Content(parts.in_app_title, parts.in_app_body, extra),
+        "webhook": Content(parts.title, parts.body, {**parts.webhook_payload, **extra}),
+    }
+
+
+def _targets(request: NotificationRequest, contact: dict[str, Any]) -> dict[str, str]:
+    targets: dict[str, str] = {}
+    if "email" in request.channels:
+        targets["email"] = _required(request.email or contact.get("email"), "email", request.user_id)
+    if "webhook" in request.channels:
+        url = _required(request.webhook_url or contact.get("webhook_url"), "webhook_url", request.user_id)
+        check_webhook_url(url)
+        targets["webhook"] = url
+    return targets
+
+
+def check_webhook_url(url: str) -> None:
+    try:
+        check_url(url, get_settings().webhook_allow_private)
+    except ValueError as exc:  # refused, or a host that does not resolve
+        raise TargetError(f"webhook_url refused: {exc}") from None
+
+
+def _required(value: str | None, field: str, user_id: str) -> str:
+    if not value:
+        raise TargetError(f"no {field} in the request and none stored for user {user_id!r}")
+    return value
+
+
+def _accepted(record: dict[str, Any], deliveries: list[dict[str, Any]]) -> NotificationAccepted:
+    return NotificationAccepted.model_validate(
+        {
+            "notification_id": record["notification_id"],
+            "correlation_id": record["correlation_id"],
+            "status_url": f"/notifications/{record['notification_id']}",
+            "deliveries": deliveries,
+        }
+    )
+
+
+def get_notification(notification_id: str) -> NotificationView | None:
+    found = notifications.load_notification(queues.get_redis(), notification_id)
+    return notifications.view(*found) if found else None
+
+
+def cancel_notification(notification_id: str) -> NotificationView | None:
+    """Cancel every delivery not yet sent; one being sent right now finishes."""
+    connection = queues.get_redis()
+    found = notifications.load_notification(connection, notification_id)
+    if found is None:
+        return None
+    for delivery in found[1]:
+        if delivery["status"] in notifications.OPEN_STATUSES:
+            notifications.update(connection, delivery["delivery_id"], status="canceled")
+            # A job that started meanwhile sees `canceled` if it runs again; one that expired is gone.
+            with suppress(JobStateError, JobNotFoundError):
+                queues.cancel_job(delivery["job_id"])
+    return get_notification(notification_id)
+
+
+def retry_delivery(notification_id: str, channel: str) -> NotificationView | None:
+    """Manual retry of a failed delivery, with a fresh attempt budget."""
+    connection = queues.get_redis()
+    found = notifications.load_notification(connection, notification_id)
+    if found is None:
+        return None
+    delivery = next((d for d in found[1] if d["channel"] == channel), None)
+    if delivery is None or delivery["status"] != "failed":
+        state = delivery["status"] if delivery else "not part of this notification"
+        raise JobStateError(f"the {channel} delivery is {state}; only a failed delivery can be retried")
+    queues.requeue_job(delivery["job_id"])
+    notifications.update(connection, delivery["delivery_id"], status="pending", attempts=0, next_retry_at=None)
+    return get_notification(notification_id)

@@ -1,0 +1,175 @@
+"""Notifications end to end: API, real Redis, worker processes, SMTP server and webhook receiver."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fastapi.testclient import TestClient
+from redis import Redis
+
+from mailsink import MailSink
+from settings import DEFAULT_WEBHOOK_SECRET
+from tests.conftest import StartProcess
+from tests.helpers import wait_until
+from tests.receiver import Receiver, verify_signature
+
+NOTE = {"user_id": "u42", "title": "Order shipped", "body": "Your parcel is on its way."}
+
+
+def _notify(client: TestClient, **fields: Any) -> dict[str, Any]:
+    response = client.post("/notifications", json={**NOTE, **fields})
+    assert response.status_code == 202, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def _delivery(client: TestClient, notification_id: str, channel: str) -> dict[str, Any]:
+    view = client.get(f"/notifications/{notification_id}").json()
+    delivery: dict[str, Any] = next(d for d in view["deliveries"] if d["channel"] == channel)
+    return delivery
+
+
+def _wait_status(
+    client: TestClient, notification_id: str, channel: str, status: str, timeout: float = 20
+) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        delivery = _delivery(client, notification_id, channel)
+        return delivery if delivery["status"] == status else None
+
+    return wait_until(reached, timeout, interval=0.05, what=f"{channel} delivery to be {status}")
+
+
+def test_each_channel_delivers_with_its_own_record(
+    client: TestClient, smtp: MailSink, webhooks: Receiver, worker: object, redis: Redis
+) -> None:
+    answer = _notify(
+        client,
+        channels=["email", "webhook", "in_app"],
+        email="ann@example.com",
+        webhook_url=f"{webhooks.url}/hooks",
+        priority="urgent",
+        source_entity_type="order",
+        source_entity_id="o-17",
+    )
+    assert {d["channel"] for d in answer["deliveries"]} == {"email", "webhook", "in_app"}
+    assert all(d["job_id"] == d["delivery_id"] and d["status"] == "pending" for d in answer["deliveries"])
+    notification_id = answer["notification_id"]
+    for channel in ("email", "webhook", "in_app"):
+        delivery = _wait_status(client, notification_id, channel, "delivered")
+        assert (delivery["attempts"], delivery["last_error"]) == (1, None)
+    [mail] = smtp.messages
+    assert (mail["To"], mail["Subject"]) == ("ann@example.com", "Order shipped")
+    [hook] = webhooks.requests
+    assert verify_signature(DEFAULT_WEBHOOK_SECRET, hook.headers, hook.body)
+    payload = json.loads(hook.body)
+    assert payload["data"]["notification_id"] == notification_id
+    assert payload["data"]["source_entity"] == {"type": "order", "id": "o-17"}
+    inbox = client.get("/users/u42/notifications").json()
+    assert [item["id"] for item in inbox["items"]] == [notification_id] and inbox["unread"] == 1
+    assert client.get(answer["status_url"]).json()["priority"] == "urgent"
+
+
+def test_correlation_id_is_returned_and_carried_into_the_job(client: TestClient, redis: Redis) -> None:
+    response = client.post("/notifications", json={**NOTE, "channels": ["in_app"]}, headers={"X-Request-ID": "req-123"})
+    assert response.headers["X-Request-ID"] == "req-123" and response.json()["correlation_id"] == "req-123"
+    job_id = response.json()["deliveries"][0]["job_id"]
+    assert client.get(f"/job/{job_id}").json()["queue"] == "default"
+    generated = client.post("/notifications", json={**NOTE, "channels": ["in_app"]}).headers["X-Request-ID"]
+    assert len(generated) == 32
+
+
+def test_transient_webhook_failures_retry_on_schedule_then_succeed(
+    client: TestClient, webhooks: Receiver, worker: object
+) -> None:
+    webhooks.fail_next(2, 503)
+    answer = _notify(client, channels=["webhook"], webhook_url=webhooks.url)
+    retrying = _wait_status(client, answer["notification_id"], "webhook", "retrying")
+    assert retrying["error_category"] == "transient" and "503" in retrying["last_error"]
+    assert retrying["next_retry_at"] is not None
+    delivered = _wait_status(client, answer["notification_id"], "webhook", "delivered")
+    assert delivered["attempts"] == 3
+    first, second, third = (request.received_at for request in webhooks.wait_for(3))
+    assert second - first >= 1 - 0.5 and third - second >= 2 - 1  # backoff 1 s, 2 s (whole-second schedule)
+    assert {request.headers["webhook-id"] for request in webhooks.requests} == {delivered["delivery_id"]}
+
+
+def test_permanent_failure_stops_at_once_and_manual_retry_sends_it(
+    client: TestClient, webhooks: Receiver, worker: object
+) -> None:
+    webhooks.fail_next(1, 410)
+    answer = _notify(client, channels=["webhook"], webhook_url=webhooks.url)
+    notification_id = answer["notification_id"]
+    failed = _wait_status(client, notification_id, "webhook", "failed")
+    assert (failed["attempts"], failed["error_category"]) == (1, "permanent")
+    assert client.get("/jobs/failed").json()["jobs"][0]["id"] == failed["job_id"]
+    response = client.post(f"/notifications/{notification_id}/deliveries/webhook/retry")
+    assert response.status_code == 202
+    _wait_status(client, notification_id, "webhook", "delivered")
+    assert len(webhooks.requests) == 2
+    assert client.post(f"/notifications/{notification_id}/deliveries/webhook/retry").status_code == 409
+
+
+def test_expired_delivery_is_never_sent(client: TestClient, smtp: MailSink, processes: StartProcess) -> None:
+    expires = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    answer = _notify(client, channels=["email"], email="ann@example.com", expires_at=expires)
+    wait_until(lambda: datetime.now(UTC) > datetime.fromisoformat(expires), timeout=3, what="expiry")
+    processes("worker.py", "--burst").wait(timeout=30)
+    assert _delivery(client, answer["notification_id"], "email")["status"] == "expired"
+    assert smtp.messages == []
+
+
+def test_cancel_before_sending(client: TestClient, smtp: MailSink, processes: StartProcess) -> None:
+    answer = _notify(client, channels=["email", "in_app"], email="ann@example.com", delay_seconds=60)
+    view = client.delete(answer["status_url"]).json()
+    assert {d["status"] for d in view["deliveries"]} == {"canceled"}
+    assert client.get("/jobs/scheduled").json()["total"] == 0
+    assert processes("worker.py", "--burst").wait(timeout=30) == 0
+    assert smtp.messages == []
+
+
+def test_idempotency_key_returns_the_first_answer_and_refuses_another_body(client: TestClient, redis: Redis) -> None:
+    headers = {"Idempotency-Key": "order-17-shipped"}
+    body = {**NOTE, "channels": ["in_app"]}
+    first = client.post("/notifications", json=body, headers=headers)
+    again = client.post("/notifications", json=body, headers=headers)
+    assert first.status_code == again.status_code == 202 and first.json() == again.json()
+    assert len(redis.keys("notification:*")) == 1
+    other = client.post("/notifications", json={**body, "title": "Changed"}, headers=headers)
+    assert other.status_code == 409 and "different request body" in other.json()["detail"]
+    mail = {"to": "ann@example.com", "subject": "Hi", "body": "x"}
+    sent = [client.post("/send-email", json=mail, headers=headers).json() for _ in range(2)]
+    assert sent[0] == sent[1] and len(redis.lrange("rq:queue:default", 0, -1)) == 2  # 1 notification + 1 mail
+
+
+def test_request_errors_are_422_before_anything_is_written(client: TestClient, redis: Redis) -> None:
+    cases = [
+        ({**NOTE, "channels": ["email"]}, "no email"),
+        ({**NOTE, "channels": ["webhook"], "webhook_url": "http://169.254.169.254/latest/meta-data"}, "refused"),
+        ({**NOTE, "channels": ["webhook"], "webhook_url": "http://127.0.0.1:9/x"}, "refused"),
+        ({"user_id": "u1", "channels": ["in_app"], "template": "welcome"}, "name"),
+        ({"user_id": "u1", "channels": ["in_app"], "template": "nope"}, "unknown template"),
+        ({**NOTE, "channels": ["sms"]}, "channels"),
+        ({**NOTE, "channels": []}, "channels"),
+        ({"user_id": "u1", "channels": ["in_app"]}, "title and body"),
+    ]
+    for body, message in cases:
+        response = client.post("/notifications", json=body)
+        assert response.status_code == 422, (body, response.text)
+        assert message in json.dumps(response.json()), (body, response.json())
+    assert redis.keys("notification:*") == [] and redis.keys("rq:job:*") == []
+
+
+def test_template_renders_per_channel_and_stored_contact_is_used(
+    client: TestClient, smtp: MailSink, webhooks: Receiver, worker: object
+) -> None:
+    contact = {"email": "bo@example.com", "webhook_url": webhooks.url}
+    assert client.put("/users/bo/contact", json=contact).status_code == 200
+    request = {"user_id": "bo", "channels": ["email", "webhook"], "template": "welcome", "context": {"name": "Bo"}}
+    answer = client.post("/notifications", json=request).json()
+    _wait_status(client, answer["notification_id"], "webhook", "delivered")
+    [mail] = smtp.wait_for(1)
+    assert mail["To"] == "bo@example.com" and "Bo" in mail["Subject"]
+    payload = json.loads(webhooks.requests[0].body)["data"]
+    assert (payload["event"], payload["name"]) == ("user.welcome", "Bo")
