@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -10,15 +11,19 @@ from typing import Annotated, Any
 from uuid import uuid4
 
 from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from rq.job import Job, JobStatus
 
 import dispatch
 import idempotency
 import inbox
+import mcp_server
+import metrics
 import notifications
 import queues
 from dashboard import mount_dashboard
@@ -26,11 +31,13 @@ from exceptions import (
     IdempotencyConflict,
     JobNotFoundError,
     JobStateError,
+    QueueFullError,
     ServiceError,
     TargetError,
     TemplateError,
     UnknownTaskError,
 )
+from logs import setup_logging
 from schemas import (
     ID_PATTERN,
     JOB_ID_PATTERN,
@@ -48,17 +55,25 @@ from schemas import (
     SendEmailRequest,
     UserContact,
 )
+from security import ApiKeyMiddleware, BodyLimitMiddleware
 from settings import get_settings
 
+setup_logging(get_settings().log_level)
 log = logging.getLogger("app")
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (404, 409, 422, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (400, 404, 409, 413, 422, 503)}
+"""Every operation's error answers: 400 a body that is not JSON, 413 a body over MAX_BODY_BYTES, and the rest."""
+
+mcp_app = mcp_server.mcp.http_app(path="/")  # MCP over streamable HTTP, mounted at /mcp/ below
 
 app = FastAPI(
     title="Job and notification service",
     description="Queue emails and registered tasks on RQ; watch them run.",
     responses=ERRORS,
+    lifespan=mcp_app.lifespan,  # runs the MCP session manager
 )
+app.add_middleware(BodyLimitMiddleware)  # 413 before any route reads the body
+app.add_middleware(ApiKeyMiddleware)  # added last, so it runs first: no key, no body read
 
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="The id returned when the job was queued.")]
 
@@ -70,20 +85,45 @@ async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "Redis is unavailable; try again shortly"}, status_code=503)
 
 
+@app.exception_handler(ResponseError)
+async def redis_out_of_memory(request: Request, exc: Exception) -> JSONResponse:
+    """Redis at `maxmemory` (noeviction) refuses writes: 503, not a 500; other Redis errors stay 500."""
+    if not (isinstance(exc, OutOfMemoryError) or str(exc).startswith("OOM")):
+        raise exc
+    log.error("redis is out of memory: writes are refused")
+    return JSONResponse({"detail": "Redis is out of memory; try again later"}, status_code=503)
+
+
 STATUS_OF_ERROR: dict[type[ServiceError], int] = {
     JobNotFoundError: 404,
     JobStateError: 409,
     IdempotencyConflict: 409,
     TargetError: 422,
     TemplateError: 422,
+    QueueFullError: 429,
 }
+
+
+def _finite(value: Any) -> Any:
+    """NaN and Infinity as strings: Python's JSON parser lets them into a request, JSON cannot carry them out."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    return [_finite(item) for item in value] if isinstance(value, list) else value
+
+
+@app.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, which echoes the invalid input: one holding NaN or Infinity must not become a 500."""
+    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
 
 
 @app.exception_handler(ServiceError)
 async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
     """Errors whose message is meant for the client: unknown ids, conflicts, unusable input."""
     status = next((code for kind, code in STATUS_OF_ERROR.items() if isinstance(exc, kind)), 400)
-    return JSONResponse({"detail": str(exc)}, status_code=status)
+    return JSONResponse({"detail": str(exc)}, status_code=status, headers=exc.headers)
 
 
 @app.middleware("http")
@@ -119,20 +159,9 @@ def _idempotent(scope: str, key: str | None, body: BaseModel, make: Callable[[],
     return made
 
 
-def _accepted(job: Job) -> JobAccepted:
-    status = job.get_status(refresh=False)
-    return JobAccepted(
-        job_id=job.id,
-        status=status.value if status else "queued",
-        queue=job.origin,
-        status_url=f"/job/{job.id}",
-        scheduled_for=queues.scheduled_for(job) if status == JobStatus.SCHEDULED else None,
-    )
-
-
 def _enqueue(task: str, kwargs: dict[str, Any], priority: Priority, due: datetime | None = None) -> JobAccepted:
     try:
-        return _accepted(queues.enqueue_task(task, kwargs, priority, due))
+        return queues.job_accepted(queues.enqueue_task(task, kwargs, priority, due))
     except UnknownTaskError as exc:
         raise HTTPException(422, {"msg": str(exc), "known_tasks": exc.known}) from None
     except ValidationError as exc:
@@ -252,6 +281,7 @@ def save_contact(user_id: Annotated[str, Path(pattern=ID_PATTERN)], contact: Use
 
 
 app.include_router(inbox.router)
+app.mount("/mcp", mcp_app)
 
 
 @app.get("/healthz", responses={503: {"model": Problem}})
@@ -259,6 +289,24 @@ def healthz() -> dict[str, str]:
     """200 when Redis answers; Redis errors become the 503 above."""
     queues.get_redis().ping()
     return {"status": "ok", "redis": "ok"}
+
+
+@app.get("/readyz", responses={503: {"model": Problem}})
+def readyz() -> dict[str, str | int]:
+    """200 when Redis answers and at least one worker has a live heartbeat, else 503 with the reason."""
+    try:
+        workers = metrics.alive_workers(queues.get_redis())
+    except RedisError as exc:
+        raise HTTPException(503, f"Redis does not answer: {type(exc).__name__}") from None
+    if not workers:
+        raise HTTPException(503, "no worker is running: none has a live heartbeat in Redis")
+    return {"status": "ok", "redis": "ok", "workers": workers}
+
+
+@app.get("/metrics", response_class=PlainTextResponse, responses={503: {"model": Problem}})
+def prometheus_metrics() -> Response:
+    """Prometheus metrics of the whole service (queues, workers, jobs, notifications), read from Redis."""
+    return Response(metrics.exposition(queues.get_redis()), media_type=metrics.CONTENT_TYPE)
 
 
 mount_dashboard(app, get_settings())

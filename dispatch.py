@@ -10,6 +10,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
+import metrics
 import notifications
 import queues
 import rendering
@@ -34,6 +35,7 @@ def create_notification(request: NotificationRequest, correlation_id: str) -> No
     targets = _targets(request, notifications.load_contact(connection, request.user_id))
     notification_id, created, due = notifications.new_id(), notifications.now_iso(), request.due_at()
     queue = queues.get_queue(QUEUE_OF_PRIORITY[request.priority])
+    queues.ensure_capacity(queue)
     record = {
         **request.model_dump(mode="json", include={"user_id", "priority", "source_entity_type", "source_entity_id"}),
         "notification_id": notification_id,
@@ -58,6 +60,8 @@ def create_notification(request: NotificationRequest, correlation_id: str) -> No
         notifications.write(pipeline, record, deliveries)
         for job in jobs:
             queues.submit(queue, job, due, pipeline)
+        for channel in request.channels:
+            metrics.NOTIFICATIONS_CREATED.inc(pipeline, channel)
     return _accepted(record, deliveries)
 
 
@@ -144,6 +148,7 @@ def cancel_notification(notification_id: str) -> NotificationView | None:
     for delivery in found[1]:
         if delivery["status"] in notifications.OPEN_STATUSES:
             notifications.update(connection, delivery["delivery_id"], status="canceled")
+            metrics.delivery_settled(connection, delivery["channel"], "canceled")
             # A job that started meanwhile sees `canceled` if it runs again; one that expired is gone.
             with suppress(JobStateError, JobNotFoundError):
                 queues.cancel_job(delivery["job_id"])

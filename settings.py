@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 QUEUE_NAMES: tuple[str, ...] = ("high", "default", "low")
 """Queue names in the order a worker serves them: a waiting `high` job always goes first."""
@@ -18,6 +19,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     environment: Literal["local", "production"] = "local"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     redis_url: str = "redis://localhost:6379/0"
     redis_socket_timeout: float = Field(0.5, gt=0, description="seconds; bounds every API call to Redis")
@@ -41,6 +43,13 @@ class Settings(BaseSettings):
     failure_ttl_seconds: int = Field(7 * 86_400, ge=1)
 
     worker_count: int = Field(2, ge=1)
+    worker_ttl_seconds: int = Field(20, ge=2, description="worker heartbeat TTL; idle workers poll for it")
+    worker_maintenance_interval_seconds: int = Field(10, ge=1, description="how often a worker cleans registries")
+    job_heartbeat_seconds: int = Field(5, ge=1, description="how often a worker refreshes its running job's heartbeat")
+    job_heartbeat_grace_seconds: int = Field(
+        15, ge=1, description="a running job whose heartbeat is this late counts as abandoned (its worker died)"
+    )
+    recovery_sweep_seconds: float = Field(5.0, gt=0, description="how often the scheduler looks for abandoned jobs")
 
     scheduler_interval_seconds: float = Field(1.0, gt=0, le=60)
     email_max_attempts: int = Field(5, ge=1)
@@ -61,10 +70,45 @@ class Settings(BaseSettings):
     dashboard_password: SecretStr | None = Field(None, description="rq-dashboard at /rq is served only with one")
     dashboard_read_only: bool = Field(False, description="hide rq-dashboard's delete/empty/requeue actions")
 
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="when set, every route but health, metrics, docs and /rq needs one"
+    )
+    max_body_bytes: int = Field(65_536, ge=1, description="larger request bodies are refused with 413")
+    queue_max_waiting: int = Field(100_000, ge=1, description="a queue holding this many waiting jobs takes no more")
+    queue_full_retry_after_seconds: int = Field(5, ge=1, description="Retry-After of the 429 for a full queue")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_api_keys(cls, value: object) -> object:
+        """`API_KEYS` as a JSON list or comma-separated; blank entries are dropped."""
+        if not isinstance(value, str):
+            return value
+        items = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
+        return [str(item).strip() for item in items if str(item).strip()]
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _blank_webhook_secret_is_unset(cls, value: object) -> object:
+        return DEFAULT_WEBHOOK_SECRET if value == "" else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _no_default_secrets_outside_local(self) -> Settings:
-        if self.environment != "local" and self.webhook_secret.get_secret_value() == DEFAULT_WEBHOOK_SECRET:
-            raise ValueError("WEBHOOK_SECRET must be set outside local use; the default is public")
+        """Outside local use: API keys, a dashboard password and a webhook secret of one's own."""
+        if self.environment == "local":
+            return self
+        password = self.dashboard_password.get_secret_value() if self.dashboard_password else ""
+        unset = {
+            "API_KEYS": not self.api_keys,
+            "DASHBOARD_PASSWORD": not password,
+            "WEBHOOK_SECRET (the default is public)": self.webhook_secret.get_secret_value() == DEFAULT_WEBHOOK_SECRET,
+        }
+        if missing := [name for name, is_unset in unset.items() if is_unset]:
+            raise ValueError(f"ENVIRONMENT={self.environment} requires {', '.join(missing)}")
         return self
 
     @property

@@ -6,28 +6,38 @@ looked up here and never handed to RQ, which would import any dotted path it is 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel
+from redis import Redis
 from rq import get_current_job
 from rq.job import Job
 
+import metrics
 import notifications
+import recovery
 from channels import CHANNELS, Message, email
 from exceptions import PermanentError
-from schemas import EmailArgs, NoArgs
+from schemas import AwaitArgs, EmailArgs, NoArgs
 from settings import get_settings
+
+log = logging.getLogger("tasks")
 
 
 def send_email(to: str, subject: str, body: str) -> dict[str, str]:
-    """Send one email over SMTP and return its Message-ID."""
-    settings = get_settings()
-    message = email.build_message(settings, to, subject, body)
-    email.send(settings, message)
-    return {"to": to, "message_id": str(message["Message-ID"])}
+    """Send one email over SMTP and return its Message-ID; a re-run of a job that sent it sends nothing."""
+    job = get_current_job()
+    message_id = recovery.sent_marker(job)
+    if message_id is None:
+        settings = get_settings()
+        message = email.build_message(settings, to, subject, body, unique_id=job.id if job else None)
+        email.send(settings, message)
+        message_id = recovery.mark_sent(job, str(message["Message-ID"]))
+    return {"to": to, "message_id": message_id}
 
 
 def deliver_notification(delivery_id: str) -> dict[str, str]:
@@ -46,18 +56,50 @@ def deliver_notification(delivery_id: str) -> dict[str, str]:
         return {"status": "canceled"}
     if delivery["expires_at"] and datetime.fromisoformat(delivery["expires_at"]) <= datetime.now(UTC):
         notifications.update(connection, delivery_id, status="expired")
+        _report(connection, "expired", _log_fields(delivery, delivery["attempts"]))
         return {"status": "expired"}
-    notifications.start_attempt(connection, delivery_id)
+    fields = _log_fields(delivery, notifications.start_attempt(connection, delivery_id))
     try:
-        CHANNELS[delivery["channel"]](Message(**delivery["message"]))
+        _deliver_once(job, delivery)
     except Exception as exc:
-        _record_failure(job, delivery_id, exc)
+        retrying = _record_failure(job, delivery_id, exc)
+        _report(connection, "retrying" if retrying else "failed", fields, exc)
         raise
     notifications.update(connection, delivery_id, status="delivered", delivered_at=notifications.now_iso())
+    _report(connection, "delivered", fields)
     return {"status": "delivered"}
 
 
-def _record_failure(job: Job, delivery_id: str, exc: Exception) -> None:
+def _deliver_once(job: Job, delivery: dict[str, Any]) -> None:
+    """Deliver, unless an earlier run of this job did and its worker died before recording it."""
+    if recovery.sent_marker(job) is None:
+        CHANNELS[delivery["channel"]](Message(**delivery["message"]))
+        recovery.mark_sent(job, "delivered")
+
+
+def _log_fields(delivery: dict[str, Any], attempt: int) -> dict[str, Any]:
+    return {
+        "delivery_id": delivery["delivery_id"],
+        "channel": delivery["channel"],
+        "attempt": attempt,
+        "correlation_id": delivery["message"].get("correlation_id") or None,
+    }
+
+
+def _report(connection: Redis, outcome: str, fields: dict[str, Any], exc: Exception | None = None) -> None:
+    """One log line and the metrics of a delivery attempt's outcome: delivered, retrying, failed or expired."""
+    if outcome == "retrying":
+        metrics.delivery_retrying(connection, fields["channel"])
+    else:
+        exhausted = outcome == "failed" and not isinstance(exc, PermanentError)
+        metrics.delivery_settled(connection, fields["channel"], outcome, exhausted)
+    level = {"retrying": logging.WARNING, "failed": logging.ERROR}.get(outcome, logging.INFO)
+    error = {"error": f"{type(exc).__name__}: {exc}"} if exc else {}
+    log.log(level, "notification delivery %s", outcome, extra={**fields, "outcome": outcome, **error})
+
+
+def _record_failure(job: Job, delivery_id: str, exc: Exception) -> bool:
+    """Keep the error on the delivery record; True when RQ will retry."""
     permanent = isinstance(exc, PermanentError)
     retrying = not permanent and bool(job.retries_left)
     next_retry = datetime.now(UTC) + timedelta(seconds=job.get_retry_interval()) if retrying else None
@@ -69,10 +111,16 @@ def _record_failure(job: Job, delivery_id: str, exc: Exception) -> None:
         error_category="permanent" if permanent else "transient",
         next_retry_at=next_retry.isoformat() if next_retry else None,
     )
+    return retrying
 
 
 def noop() -> None:
     """Do nothing: a cheap job for health checks and benchmarks."""
+
+
+def await_completion(description: str) -> None:
+    """Never run by a worker: such a job waits (RQ status deferred) until `queues.complete_job` finishes it."""
+    raise PermanentError("await_completion jobs are finished by complete_task, not run by a worker")
 
 
 @dataclass(frozen=True)
@@ -80,9 +128,12 @@ class Task:
     func: Callable[..., Any]
     args: type[BaseModel]
     description: str
+    waits: bool = False
+    """True: the job is parked until a person or outside system completes it (`queues.complete_job`)."""
 
 
 TASKS: dict[str, Task] = {
     "send_email": Task(send_email, EmailArgs, "Send one email over SMTP."),
     "noop": Task(noop, NoArgs, "Do nothing."),
+    "await_completion": Task(await_completion, AwaitArgs, "Wait until completed with a result.", waits=True),
 }

@@ -11,12 +11,15 @@ from exceptions import PermanentError, TransientError
 from settings import Settings, get_settings
 
 
-def build_message(settings: Settings, to: str, subject: str, body: str) -> EmailMessage:
+def build_message(settings: Settings, to: str, subject: str, body: str, unique_id: str | None = None) -> EmailMessage:
+    """The message; its Message-ID is `<unique_id@domain>` when given (a job's id: every attempt at one
+    job sends the same Message-ID, by which receivers can drop a duplicate), else a fresh one."""
+    domain = settings.smtp_from.rpartition("@")[2] or "localhost"
     message = EmailMessage()
     message["From"] = settings.smtp_from
     message["To"] = to
     message["Subject"] = subject
-    message["Message-ID"] = make_msgid(domain=settings.smtp_from.rpartition("@")[2] or "localhost")
+    message["Message-ID"] = f"<{unique_id}@{domain}>" if unique_id else make_msgid(domain=domain)
     message.set_content(body)
     return message
 
@@ -56,5 +59,5 @@ def send_notification(message: Message) -> None:
     if not message.target:
         raise PermanentError("no email address for this user")
     settings = get_settings()
-    email = build_message(settings, message.target, message.title, message.body)
+    email = build_message(settings, message.target, message.title, message.body, unique_id=message.delivery_id)
     send(settings, email)

@@ -72,6 +72,14 @@ def test_redis_keeps_an_append_only_file_and_never_evicts(services: dict[str, di
     assert services["redis"]["volumes"]
 
 
+def test_redis_requires_a_password_that_every_python_service_uses(services: dict[str, dict[str, Any]]) -> None:
+    command = " ".join(words(services["redis"]["command"]))
+    assert "--requirepass ${REDIS_PASSWORD:?set REDIS_PASSWORD}" in command
+    assert "-a" in words(services["redis"]["healthcheck"]["test"][-1])  # the healthcheck authenticates
+    url = "redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD}@redis:6379/0"
+    assert {services[name]["environment"]["REDIS_URL"] for name in ("api", "worker", "scheduler")} == {url}
+
+
 def test_api_and_redis_have_healthchecks(services: dict[str, dict[str, Any]]) -> None:
     for name in ("api", "redis"):
         assert services[name]["healthcheck"]["test"], name
@@ -85,16 +93,18 @@ def test_worker_can_be_scaled(services: dict[str, dict[str, Any]]) -> None:
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (v1) is not installed")
 def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
-    def config(password: str | None) -> subprocess.CompletedProcess[str]:
-        env = {key: value for key, value in os.environ.items() if key != "DASHBOARD_PASSWORD"}
-        env |= {"DASHBOARD_PASSWORD": password} if password else {}
-        empty_env_file = tmp_path / "empty.env"  # so a developer's .env cannot set the password
+    passwords = {"DASHBOARD_PASSWORD": "secret", "REDIS_PASSWORD": "redis-secret"}
+
+    def config(**given: str) -> subprocess.CompletedProcess[str]:
+        env = {key: value for key, value in os.environ.items() if key not in passwords} | given
+        empty_env_file = tmp_path / "empty.env"  # so a developer's .env cannot set the passwords
         empty_env_file.touch()
         command = ["docker-compose", "--env-file", str(empty_env_file), "-f", str(COMPOSE_FILE), "config", "-q"]
         return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
-    accepted = config("secret")
+    accepted = config(**passwords)
     assert accepted.returncode == 0, accepted.stderr
-    refused = config(None)
-    assert refused.returncode != 0
-    assert "set DASHBOARD_PASSWORD" in refused.stderr
+    for missing in passwords:
+        refused = config(**{name: value for name, value in passwords.items() if name != missing})
+        assert refused.returncode != 0
+        assert f"set {missing}" in refused.stderr

@@ -103,7 +103,9 @@ def test_permanent_failure_stops_at_once_and_manual_retry_sends_it(
     notification_id = answer["notification_id"]
     failed = _wait_status(client, notification_id, "webhook", "failed")
     assert (failed["attempts"], failed["error_category"]) == (1, "permanent")
-    assert client.get("/jobs/failed").json()["jobs"][0]["id"] == failed["job_id"]
+    # The record says failed before RQ, after the job's callbacks, moves the job to its failed registry.
+    failed_jobs = wait_until(lambda: client.get("/jobs/failed").json()["jobs"], what="job in the failed registry")
+    assert failed_jobs[0]["id"] == failed["job_id"]
     response = client.post(f"/notifications/{notification_id}/deliveries/webhook/retry")
     assert response.status_code == 202
     _wait_status(client, notification_id, "webhook", "delivered")

@@ -17,4 +17,4 @@ def test_build_worker_picks_the_worker_class_for_the_platform(
 ) -> None:
     monkeypatch.setattr(sys, "platform", platform)
     built = worker.build_worker(connection=fakeredis.FakeRedis())
-    assert type(built) is expected
+    assert isinstance(built, expected)

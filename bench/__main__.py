@@ -1,0 +1,303 @@
+"""Benchmark of the service: `python -m bench [--quick]` (a measurement, not a test).
+
+Starts its own Valkey, SMTP sink (in this process), API (the run command's uvicorn line, production
+settings) and workers on free loopback ports; measures each figure several times beside a baseline
+taken in the same run; prints one table of medians with min..max and ratios; stops all it started.
+Every wait is capped, so a slow worker shortens a measurement (noted) instead of hanging the run:
+about 6 minutes in all on 2 busy cores (less once workers are fast), 2 with `--quick`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import api, jobs
+from bench.report import Row, table
+from bench.stack import Stack, api_command, http_ok, rss_mib, running
+from mailsink import free_port
+from tests.helpers import stop_process, wait_until
+
+BASE = ("rq Worker", "plain")
+"""The baseline of the worker figures: RQ's stock forking worker on jobs whose module imports nothing."""
+DRAINS: tuple[tuple[str, str], ...] = (BASE, ("worker.py", "project"), ("rq Worker", "project"))
+DRAINS += (("rq SimpleWorker", "plain"), ("rq SimpleWorker", "project"))
+LATENCIES: tuple[tuple[str, str], ...] = (BASE, ("worker.py", "project"), ("rq SimpleWorker", "plain"))
+STARTS = ("rq Worker", "worker.py", "rq SimpleWorker")
+
+
+@dataclass(frozen=True)
+class Config:
+    runs: int
+    api_seconds: int
+    bulk_jobs: int
+    drain_jobs: int
+    drain_cap: float
+    latency_jobs: int
+    latency_cap: float
+    emails: int
+    emails_cap: float
+    scheduled_jobs: int
+
+
+FULL = Config(3, 8, 2000, 300, 5.0, 200, 5.0, 300, 8.0, 50)
+QUICK = Config(2, 3, 1000, 100, 3.0, 50, 3.0, 100, 5.0, 20)
+
+
+def make_rows(config: Config) -> dict[str, Row]:
+    base, drain, idle = "rq Worker, plain jobs", f"{config.drain_jobs} no-op jobs, --burst", "rq Worker, idle"
+    rows = {
+        "api rate": Row("POST /send-email", "req/s", "GET /healthz (ceiling)", "≥0.8x"),
+        "api p50": Row("POST /send-email p50", "ms", "GET /healthz p50"),
+        "api p99": Row("POST /send-email p99", "ms", "GET /healthz p99", "≤50 ms"),
+        "many": Row(f"queue.enqueue_many, pipelines of {jobs.CHUNK}", "jobs/s", "queue.enqueue loop"),
+        "tasks": Row("queues.enqueue_task loop (project)", "jobs/s", "queue.enqueue loop"),
+        "batch": Row(f"POST batch endpoint, {jobs.CHUNK} per request", "jobs/s", "queue.enqueue loop", "≥10,000"),
+        "emails": Row(
+            f"{config.emails} emails: API, Redis, worker.py, sink", "mails/s", "project no-op jobs, same N workers"
+        ),
+        "enqueued early": Row(f"enqueued - due, earliest of {config.scheduled_jobs}", "s", "", "≥0"),
+        "enqueued late": Row("enqueued - due, latest", "s"),
+        "start early": Row("start - due, earliest", "s", "", "≥0"),
+        "start late": Row("start - due, latest", "s", "", "≤1 s"),
+        "rss api": Row("API, after the load runs", "MiB", "minimal FastAPI app, same load"),
+    }
+    for kind, source in DRAINS:
+        target = "≥4x" if kind == "worker.py" else ""
+        rows[f"drain {kind} {source}"] = Row(f"{kind}, {source} jobs: {drain}", "jobs/s", base, target)
+    for kind in STARTS:
+        rows[f"start {kind}"] = Row(f"{kind} --burst, empty queues", "s", "rq Worker")
+    for kind, source in LATENCIES:
+        target = "≤5 ms" if kind == "worker.py" else ""
+        rows[f"p50 {kind}"] = Row(f"{kind}, {source} jobs: p50", "ms", f"{base}: p50", target)
+        rows[f"p99 {kind}"] = Row(f"{kind}, {source} jobs: p99", "ms", f"{base}: p99")
+        rows[f"rss {kind}"] = Row(f"{kind}, idle", "MiB", idle)
+    return rows
+
+
+SECTIONS = {
+    "1. API, 32 keep-alive connections": ("api rate", "api p50", "api p99"),
+    "2. Bulk enqueue, from Python and through the API": ("many", "tasks", "batch"),
+    "3. Worker throughput, one process": tuple(f"drain {kind} {source}" for kind, source in DRAINS)
+    + tuple(f"start {kind}" for kind in STARTS),
+    "3b. End to end, the run command's worker count": ("emails",),
+    "4. Enqueue → start, sequential jobs, idle queue, one running worker": tuple(
+        f"{figure} {kind}" for kind, _ in LATENCIES for figure in ("p50", "p99")
+    ),
+    "5. Scheduling, the run command's workers + scheduler.py (bench.scheduling.measure)": (
+        "enqueued early",
+        "enqueued late",
+        "start early",
+        "start late",
+    ),
+    "6. Memory, VmRSS": ("rss api", *(f"rss {kind}" for kind, _ in LATENCIES)),
+}
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def rotated(items: Sequence[Any], run: int) -> list[Any]:
+    """Each run starts with the next item, so a slow spell of the machine does not hit one item only."""
+    shift = run % len(items)
+    return [*items[shift:], *items[:shift]]
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[98] if len(values) > 1 else values[0]
+
+
+def add(row: Row, value: float, baseline: float | None = None) -> None:
+    row.samples.append(value)
+    if baseline is not None:
+        row.baseline_samples.append(baseline)
+
+
+def measure_api(stack: Stack, rows: dict[str, Row], config: Config, run: int) -> None:
+    results = {}
+    for path in rotated(("/healthz", "/send-email"), run):
+        body = api.EMAIL if path == "/send-email" else None
+        results[path] = api.run_load(stack.workdir, f"{stack.api_url}{path}", body, config.api_seconds)
+    send, ceiling = results["/send-email"], results["/healthz"]
+    add(rows["api rate"], send.per_second, ceiling.per_second)
+    add(rows["api p50"], send.p50_ms, ceiling.p50_ms)
+    add(rows["api p99"], send.p99_ms, ceiling.p99_ms)
+    if send.errors or ceiling.errors:
+        rows["api rate"].note += f"run {run + 1}: {send.errors} + {ceiling.errors} errors (send + ceiling). "
+    add(rows["rss api"], rss_mib(stack.api.pid))
+    stack.flush()
+
+
+def minimal_app_rss(stack: Stack, seconds: int) -> float:
+    """RSS of the smallest FastAPI app under the same uvicorn command, after the same kind of load."""
+    port = free_port()
+    process = stack.spawn("hello", [word.replace("app:app", "bench.hello:app") for word in api_command(port)])
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), timeout=30, what="minimal app")
+    api.run_load(stack.workdir, f"http://127.0.0.1:{port}/healthz", None, seconds)
+    rss = rss_mib(process.pid)
+    stop_process(process)
+    return rss
+
+
+def measure_bulk(stack: Stack, rows: dict[str, Row], config: Config, batch: api.Batch | str) -> None:
+    with stack.redis() as connection:
+        loop = jobs.enqueue_loop(connection, config.bulk_jobs)
+        add(rows["many"], jobs.enqueue_many(connection, config.bulk_jobs), loop)
+    add(rows["tasks"], jobs.enqueue_tasks(config.bulk_jobs // 2), loop)
+    if isinstance(batch, api.Batch):
+        size = min(jobs.CHUNK, batch.max_items)
+        add(rows["batch"], api.post_batches(stack.api_url, batch, size, max(1, config.bulk_jobs // size)), loop)
+    stack.flush()
+
+
+def measure_workers(stack: Stack, rows: dict[str, Row], config: Config, run: int) -> None:
+    rates = {}
+    for kind, source in rotated(DRAINS, run):
+        drained = jobs.drain(stack, kind, source, config.drain_jobs, config.drain_cap)
+        rates[kind, source] = drained.rate
+        if drained.done < config.drain_jobs:
+            rows[f"drain {kind} {source}"].note += f"run {run + 1}: {drained.done} done in {config.drain_cap:g} s. "
+    for kind, source in DRAINS:
+        add(rows[f"drain {kind} {source}"], rates[kind, source], rates[BASE])
+    startups = {kind: jobs.drain(stack, kind, "plain", 0, 30).seconds for kind in rotated(STARTS, run)}
+    for kind in STARTS:
+        add(rows[f"start {kind}"], startups[kind], startups["rq Worker"])
+
+
+def measure_latency(stack: Stack, rows: dict[str, Row], config: Config, run: int) -> None:
+    delays, rss = {}, {}
+    for kind, source in rotated(LATENCIES, run):
+        delays[kind], rss[kind] = jobs.latency(stack, kind, source, config.latency_jobs, config.latency_cap)
+        if len(delays[kind]) < config.latency_jobs:
+            rows[f"p50 {kind}"].note += f"run {run + 1}: {len(delays[kind])} jobs in {config.latency_cap:g} s. "
+    base = delays[BASE[0]]
+    for kind, _ in LATENCIES:
+        add(rows[f"p50 {kind}"], statistics.median(delays[kind]), statistics.median(base))
+        add(rows[f"p99 {kind}"], p99(delays[kind]), p99(base))
+        add(rows[f"rss {kind}"], rss[kind], rss[BASE[0]])
+
+
+def measure_emails(stack: Stack, rows: dict[str, Row], config: Config) -> None:
+    """The run command's number of `worker.py` processes, running: emails through the API, and no-op
+    jobs enqueued from Python through the same workers (the baseline), in turns."""
+    from settings import get_settings
+
+    count, row = get_settings().worker_count, rows["emails"]
+    workers = [stack.worker("worker.py") for _ in range(count)]
+    stack.wait_for_workers(count)
+    for run in range(config.runs):
+        progress(f"end to end, run {run + 1}/{config.runs}")
+        for kind in rotated(("emails", "noop"), run):
+            if kind == "noop":
+                row.baseline_samples.append(jobs.through_workers(stack, config.emails, config.emails_cap).rate)
+            else:
+                sent = jobs.emails(stack, config.emails, config.emails_cap)
+                row.samples.append(sent.rate)
+                row.note += (
+                    f"run {run + 1}: {sent.done} in {config.emails_cap:g} s. " if sent.done < config.emails else ""
+                )
+            jobs.settle(stack)
+    row.name, row.baseline = row.name.replace("worker.py", f"{count} worker.py"), f"no-op jobs, same {count} workers"
+    for worker in workers:
+        stop_process(worker)
+    stack.flush()
+
+
+def measure_scheduling(stack: Stack, rows: dict[str, Row], config: Config) -> None:
+    """`bench.scheduling.measure`: delayed jobs 2-4 s ahead; the run command's workers and scheduler.py."""
+    from bench.scheduling import measure
+    from settings import get_settings
+
+    count = get_settings().worker_count
+    processes = [stack.worker("worker.py") for _ in range(count)]
+    processes.append(stack.spawn("scheduler", [sys.executable, "scheduler.py"]))
+    stack.wait_for_workers(count)
+    for run in range(config.runs):
+        progress(f"scheduling, run {run + 1}/{config.runs}")
+        try:
+            enqueued, started = measure(config.scheduled_jobs)
+        except AssertionError as exc:  # a job not done 30 s after the one before it
+            rows["start late"].note += f"run {run + 1}: {exc}. "
+            continue
+        for key, values in (("enqueued", enqueued), ("start", started)):
+            add(rows[f"{key} early"], values[0])
+            add(rows[f"{key} late"], values[-1])
+    for process in processes:
+        stop_process(process)
+    stack.flush()
+
+
+def installed(module: str) -> str:
+    return "installed" if importlib.util.find_spec(module) else "NOT installed"
+
+
+def describe(stack: Stack, config: Config) -> list[str]:
+    with stack.redis() as connection:
+        server = connection.info("server")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine())  # fmt: skip
+    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("rq", "fastapi", "uvicorn", "redis"))
+    command = " ".join(api_command(8000)[1:]).replace(" --port 8000", "")
+    return [
+        f"machine: {os.cpu_count()} cores ({cpu}), load average {os.getloadavg()[0]:.2f} at start; loopback only",
+        f"python {platform.python_version()}, {versions}, valkey {server.get('valkey_version', '?')} (AOF everysec)",
+        f"API: {command} (the run command's), ENVIRONMENT=production;"
+        f" uvloop {installed('uvloop')}, httptools {installed('httptools')}",
+        f"load generator: {api.load_generator()}, 32 connections, {config.api_seconds} s per run",
+        f"{config.runs} runs of each measurement: median and min..max over runs; jobs: {jobs.SOURCES_DOC}",
+    ]
+
+
+def run_all(stack: Stack, config: Config, rows: dict[str, Row]) -> None:
+    batch = api.find_batch(stack.api_url)
+    if isinstance(batch, str):
+        rows["batch"].note = batch
+    for path in ("/healthz", "/send-email"):  # warm-up, not counted
+        api.run_load(stack.workdir, f"{stack.api_url}{path}", api.EMAIL if path != "/healthz" else None, 1)
+    rows["rss api"].baseline_samples.append(minimal_app_rss(stack, config.api_seconds))
+    stack.flush()
+    for run in range(config.runs):
+        progress(f"run {run + 1}/{config.runs}: API, bulk enqueue, workers, latency")
+        measure_api(stack, rows, config, run)
+        measure_bulk(stack, rows, config, batch)
+        measure_workers(stack, rows, config, run)
+        measure_latency(stack, rows, config, run)
+    measure_emails(stack, rows, config)
+    measure_scheduling(stack, rows, config)
+
+
+def render(header: list[str], rows: dict[str, Row], seconds: float) -> str:
+    sections = {title: [rows[key] for key in keys] for title, keys in SECTIONS.items()}
+    footer = f"ratio = median / baseline's median; total {seconds:.0f} s"
+    return "\n".join([*header, "", table(sections), "", footer])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2 runs, shorter loads and caps")
+    config = QUICK if parser.parse_args(argv).quick else FULL
+    rows, started = make_rows(config), time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    with running(workdir) as stack:
+        progress(f"Valkey, SMTP sink and API up; logs in {workdir} (removed after a successful run)")
+        header = describe(stack, config)
+        run_all(stack, config, rows)
+    print(render(header, rows, time.perf_counter() - started), flush=True)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

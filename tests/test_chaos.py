@@ -1,0 +1,141 @@
+"""Workers that die: SIGKILLed mid-job (the job runs again, or fails with its reason), or asked to stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from redis import Redis
+from rq import Callback, Queue, Worker
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+
+import queues
+import recovery
+from bench import chaos
+from mailsink import MailSink
+from recovery import CLAIMS_KEY, ClaimingQueue, RecoveringWorker
+from settings import get_settings
+from tests import fixtures
+from tests.conftest import StartProcess
+from tests.helpers import kill_worker, wait_until
+
+FAST_RECOVERY = {
+    "JOB_HEARTBEAT_SECONDS": "1",
+    "JOB_HEARTBEAT_GRACE_SECONDS": "3",
+    "RECOVERY_SWEEP_SECONDS": "1",
+    "WORKER_MAINTENANCE_INTERVAL_SECONDS": "1",
+}
+
+
+def _enqueue_counted(redis: Redis, seconds: float) -> Job:
+    """`fixtures.count_runs(seconds)` with the service's retries and failure callback."""
+    return Queue("default", connection=redis).enqueue(
+        fixtures.count_runs,
+        seconds,
+        retry=queues.retry_policy(get_settings()),
+        on_failure=Callback(queues.on_job_failure),
+    )
+
+
+def _runs(redis: Redis, job: Job) -> int:
+    return int(redis.get(f"runs:{job.id}") or 0)
+
+
+def _status_is(job: Job, status: JobStatus) -> bool:
+    return job.get_status() == status
+
+
+def test_a_job_of_a_killed_worker_runs_again_within_60_s(redis: Redis, processes: StartProcess, smtp: MailSink) -> None:
+    """Default recovery settings: the scheduler's sweep finds the job once its heartbeat is 15 s late."""
+    processes("scheduler.py")
+    worker = processes("worker.py", wait_for_workers=1)
+    job = _enqueue_counted(redis, 2)
+    wait_until(lambda: _runs(redis, job) == 1, what="the job to start")
+    kill_worker(worker)
+    killed = time.monotonic()
+    processes("worker.py")
+
+    wait_until(lambda: _status_is(job, JobStatus.FINISHED), timeout=60, interval=0.1, what="the re-run")
+    elapsed = time.monotonic() - killed
+    print(f"killed job finished again {elapsed:.1f} s after the kill")
+    assert _runs(redis, job) == 2
+    job.refresh()
+    assert job.retries_left == 3 and job.meta["error"]["type"] == "AbandonedJobError"
+    assert elapsed < 60
+
+
+def test_a_job_popped_by_a_worker_that_died_before_registering_it_goes_back(
+    monkeypatch: pytest.MonkeyPatch, redis: Redis
+) -> None:
+    monkeypatch.setenv("JOB_HEARTBEAT_GRACE_SECONDS", "1")
+    get_settings.cache_clear()
+    job = _enqueue_counted(redis, 0)
+    queue = ClaimingQueue("default", connection=redis)
+    popped = ClaimingQueue.dequeue_any([queue], None, connection=redis)  # and the worker dies here
+    assert popped is not None and popped[0].id == job.id and queue.count == 0
+    assert recovery.sweep(redis) == [], "a live worker's claim is left alone"
+
+    assert wait_until(lambda: recovery.sweep(redis), timeout=5, what="the claim to expire") == [job.id]
+    assert queue.job_ids == [job.id] and redis.zcard(CLAIMS_KEY) == 0
+
+
+def test_a_job_registered_by_a_worker_that_died_before_forking_goes_back(redis: Redis) -> None:
+    """RQ marks a job `started` only in the work-horse; its registry cleanup skips a job still `queued`."""
+    job = _enqueue_counted(redis, 0)
+    worker = RecoveringWorker(["default"], connection=redis, job_monitoring_interval=1)
+    worker.heartbeat_grace = 1
+    popped = ClaimingQueue.dequeue_any(worker.queues, None, connection=redis)
+    assert popped is not None
+    worker.prepare_execution(popped[0])  # and the worker dies here, before forking its work-horse
+    assert job.get_status() == JobStatus.STARTED and redis.zcard(CLAIMS_KEY) == 0
+
+    def requeued() -> bool:
+        recovery.sweep(redis)
+        return job.get_status() == JobStatus.QUEUED
+
+    wait_until(requeued, timeout=10, interval=0.2, what="the abandoned job to be requeued")
+    job.refresh()
+    assert Queue("default", connection=redis).job_ids == [job.id] and job.retries_left == 3
+
+
+def test_sigterm_lets_the_running_job_finish_then_the_worker_exits(
+    redis: Redis, processes: StartProcess, smtp: MailSink
+) -> None:
+    worker = processes("worker.py", wait_for_workers=1)
+    job = _enqueue_counted(redis, 2)
+    wait_until(lambda: _runs(redis, job) == 1, what="the job to start")
+    os.kill(worker.pid, signal.SIGTERM)
+
+    assert worker.wait(timeout=15) == 0
+    assert job.get_status() == JobStatus.FINISHED and job.return_value() == 1
+    assert _runs(redis, job) == 1
+    assert Queue("default", connection=redis).count == 0
+    assert StartedJobRegistry("default", connection=redis).count == 0
+    assert redis.zcard(CLAIMS_KEY) == 0
+
+
+def test_sigterm_stops_an_idle_worker(redis: Redis, processes: StartProcess) -> None:
+    worker = processes("worker.py")
+    wait_until(lambda: [w for w in Worker.all(connection=redis) if w.get_state() == "idle"], what="an idle worker")
+    os.kill(worker.pid, signal.SIGTERM)
+    assert worker.wait(timeout=5) == 0
+
+
+def test_chaos_loses_no_job(monkeypatch: pytest.MonkeyPatch, smtp: MailSink, redis: Redis) -> None:
+    """150 emails, 2 workers, 3 of them SIGKILLed with their horses (recovery sped up for the test)."""
+    for name, value in FAST_RECOVERY.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+
+    report = chaos.run(smtp, jobs=150, workers=2, kill_every=0.7, max_kills=3, max_seconds=50, seed=7)
+    print("\n".join(report.lines()))
+    assert report.kills == 3
+    assert report.lost == []
+    assert report.statuses["finished"] + report.failed == 150
+    assert "no reason recorded" not in report.failures
+    assert report.finished_without_mail == 0
+    assert report.duplicates <= report.kills
+    assert all(item.recovered_at is not None for item in report.tracked)

