@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.worker import BaseWorker
 
+import tasks  # noqa: F401  # imported once here, before forking: each work-horse would import it again
 from logs import setup_logging
 from recovery import RecoveringSimpleWorker, RecoveringWorker
 from settings import QUEUE_NAMES, get_settings
