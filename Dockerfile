@@ -16,4 +16,4 @@ RUN useradd --system --uid 10001 --no-create-home app
 USER app
 
 EXPOSE 8000
-CMD ["uvicorn", "app:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["uvicorn", "app:app", "--host", "0.0.0.0", "--port", "8000", "--workers", "2", "--no-access-log"]

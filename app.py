@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 from uuid import uuid4
@@ -18,6 +18,8 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import dispatch
 import idempotency
@@ -46,12 +48,14 @@ from schemas import (
     JobAccepted,
     JobPage,
     JobRequest,
+    JobsAccepted,
     JobView,
     NotificationAccepted,
     NotificationRequest,
     NotificationView,
     Priority,
     Problem,
+    SendEmailBatch,
     SendEmailRequest,
     UserContact,
 )
@@ -126,14 +130,32 @@ async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=status, headers=exc.headers)
 
 
-@app.middleware("http")
-async def correlation_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """`X-Request-ID` from the client (a plain token) or a new one, on the request and the answer."""
-    given = request.headers.get("x-request-id", "")
-    request.state.correlation_id = given if re.fullmatch(ID_PATTERN, given) else uuid4().hex
-    response = await call_next(request)
-    response.headers["X-Request-ID"] = request.state.correlation_id
-    return response
+class CorrelationIdMiddleware:
+    """`X-Request-ID` from the client (a plain token) or a new one, on the request and on the answer.
+
+    Pure ASGI rather than `@app.middleware("http")`, which costs a task and a stream per request.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = Headers(scope=scope).get("x-request-id", "")
+        correlation = given if re.fullmatch(ID_PATTERN, given) else uuid4().hex
+        scope.setdefault("state", {})["correlation_id"] = correlation
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["X-Request-ID"] = correlation
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+app.add_middleware(CorrelationIdMiddleware)
 
 
 IdempotencyKey = Annotated[
@@ -179,6 +201,13 @@ def send_email(request: SendEmailRequest, idempotency_key: IdempotencyKey = None
         request,
         lambda: _enqueue("send_email", arguments, request.priority, request.due_at()),
     )
+
+
+@app.post("/send-email/batch", status_code=202, response_model=JobsAccepted, response_model_exclude_none=True)
+def send_email_batch(request: SendEmailBatch) -> JobsAccepted:
+    """Queue up to 1,000 emails in one request and one Redis transaction (all or none)."""
+    jobs = queues.enqueue_emails([email.model_dump(mode="json") for email in request.emails], request.priority)
+    return JobsAccepted(jobs=[queues.job_accepted(job) for job in jobs])
 
 
 @app.get("/send-email/{email}", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)

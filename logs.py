@@ -169,6 +169,8 @@ def setup_logging(level: str | int = "INFO") -> logging.Handler:
     root.addHandler(handler)
     root.setLevel(level)
     for name in THIRD_PARTY_LOGGERS:
-        logging.getLogger(name).handlers.clear()
-        logging.getLogger(name).propagate = True
+        logger = logging.getLogger(name)
+        if logger.handlers:  # one uvicorn turned off (`--no-access-log`) has none: it stays off
+            logger.handlers.clear()
+            logger.propagate = True
     return handler

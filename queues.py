@@ -6,6 +6,7 @@ Shared by the API and the workers; it never imports the web layer.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -27,7 +28,7 @@ import metrics_hooks
 from exceptions import JobNotFoundError, JobStateError, PermanentError, QueueFullError, ServiceError, UnknownTaskError
 from schemas import JobAccepted, JobError, JobView, Priority
 from settings import QUEUE_NAMES, Settings, get_settings
-from tasks import TASKS
+from tasks import TASKS, send_email
 
 CANCELABLE = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 DELAYED_JOBS_KEY = "rq:scheduler:scheduled_jobs"
@@ -57,13 +58,33 @@ def get_queue(name: str, connection: Redis | None = None) -> Queue:
     return Queue(name, connection=connection or get_redis())
 
 
+_known_lengths: dict[str, tuple[float, int]] = {}
+"""Queue name -> (monotonic time read, length): this process's last look at each queue."""
+LENGTH_FRESH_SECONDS = 0.5
+
+
 def ensure_capacity(queue: Queue) -> None:
-    """Backpressure, one LLEN: refuse new work once `queue` holds `QUEUE_MAX_WAITING` waiting jobs."""
+    """Backpressure: refuse new work once `queue` holds `QUEUE_MAX_WAITING` waiting jobs.
+
+    The length (one LLEN) is read again only when the last look is older than half a second or was
+    within a tenth of the limit, so a busy API skips that round trip while the queue is far from full.
+    """
     settings = get_settings()
-    waiting = int(queue.connection.llen(queue.key))
+    read_at, waiting = _known_lengths.get(queue.name, (0.0, 0))
+    near_limit = waiting >= settings.queue_max_waiting * 0.9
+    if near_limit or time.monotonic() - read_at > LENGTH_FRESH_SECONDS:
+        waiting = int(queue.connection.llen(queue.key))
+        _known_lengths[queue.name] = (time.monotonic(), waiting)
     if waiting >= settings.queue_max_waiting:
         metrics_hooks.record_rejection(queue.name)
         raise QueueFullError(queue.name, waiting, settings.queue_full_retry_after_seconds)
+
+
+def _count_own_enqueue(queue_name: str) -> None:
+    """Keep this process's last look at the queue's length up to date with what it adds itself."""
+    if queue_name in _known_lengths:
+        read_at, waiting = _known_lengths[queue_name]
+        _known_lengths[queue_name] = (read_at, waiting + 1)
 
 
 def backoff_intervals(settings: Settings, rng: random.Random | None = None, retries: int | None = None) -> list[int]:
@@ -124,6 +145,23 @@ def enqueue_task(name: str, kwargs: dict[str, Any], priority: Priority = "defaul
     return job
 
 
+def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> list[Job]:
+    """Queue many already-validated emails at once: one capacity check and one transaction.
+
+    Each job draws its own backoff jitter, so a batch that fails together does not retry together.
+    """
+    queue, settings = get_queue(priority), get_settings()
+    ensure_capacity(queue)
+    jobs = [
+        queue.create_job(send_email, kwargs=message, meta={"task": "send_email"}, **job_options(retry_policy(settings)))
+        for message in messages
+    ]
+    with transaction() as pipeline:
+        for job in jobs:
+            submit(queue, job, None, pipeline)
+    return jobs
+
+
 @contextmanager
 def transaction() -> Iterator[Pipeline]:
     """A MULTI/EXEC pipeline, executed on leaving the block.
@@ -159,6 +197,7 @@ def submit(queue: Queue, job: Job, due: datetime | None, pipeline: Pipeline) -> 
     metrics.job_submitted(pipeline, job)
     if due is None:
         queue.enqueue_job(job, pipeline=pipeline)
+        _count_own_enqueue(queue.name)
         return
     job.set_status(JobStatus.SCHEDULED, pipeline=pipeline)
     job.save(pipeline=pipeline)

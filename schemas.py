@@ -90,6 +90,15 @@ class SendEmailRequest(EmailArgs, Schedule):
     priority: Priority = "default"
 
 
+class SendEmailBatch(StrictModel):
+    emails: list[EmailArgs] = Field(min_length=1, max_length=1000)
+    priority: Priority = "default"
+
+
+class JobsAccepted(BaseModel):
+    jobs: list[JobAccepted]
+
+
 class JobRequest(StrictModel, Schedule):
     task: str = Field(min_length=1, max_length=100, examples=["send_email"])
     kwargs: dict[str, JsonValue] = Field(default_factory=dict)

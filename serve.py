@@ -91,6 +91,7 @@ def start_embedded_redis(url: str, settings: Settings, var: Path) -> subprocess.
 def processes(settings: Settings, options: Options) -> dict[str, str]:
     python = f"exec {sys.executable}"
     commands = {"api": f"{python} -m uvicorn app:app --host {options.host} --port {options.port} --no-access-log"}
+    commands["api"] += f" --workers {settings.api_workers}" if settings.api_workers > 1 else ""
     commands |= {f"worker.{n}": f"{python} worker.py" for n in range(1, settings.worker_count + 1)}
     commands["scheduler"] = f"{python} scheduler.py"
     if not settings.smtp_configured:

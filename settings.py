@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     failure_ttl_seconds: int = Field(7 * 86_400, ge=1)
 
     worker_count: int = Field(2, ge=1)
+    api_workers: int = Field(2, ge=1, description="uvicorn worker processes of the API (one per core)")
     worker_ttl_seconds: int = Field(20, ge=2, description="worker heartbeat TTL; idle workers poll for it")
     worker_maintenance_interval_seconds: int = Field(10, ge=1, description="how often a worker cleans registries")
     job_heartbeat_seconds: int = Field(5, ge=1, description="how often a worker refreshes its running job's heartbeat")

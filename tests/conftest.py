@@ -50,6 +50,7 @@ def env(monkeypatch: pytest.MonkeyPatch, redis_server: ValkeyServer) -> Iterator
 def _reset_caches() -> None:
     get_settings.cache_clear()
     queues._connection.cache_clear()
+    queues._known_lengths.clear()
 
 
 @pytest.fixture

@@ -136,3 +136,16 @@ def test_redis_outage_is_503_and_recovers_without_restart(client: TestClient, mo
 def test_openapi_docs_are_served(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
     assert "/send-email" in client.get("/openapi.json").json()["paths"]
+
+
+def test_batch_queues_every_email_in_one_go_or_none(client: TestClient, redis: Redis) -> None:
+    emails = [{**EMAIL, "subject": f"n{n}"} for n in range(50)]
+    response = client.post("/send-email/batch", json={"emails": emails, "priority": "low"})
+    assert response.status_code == 202
+    ids = [job["job_id"] for job in response.json()["jobs"]]
+    assert len(set(ids)) == 50 and Queue("low", connection=redis).job_ids == ids
+    assert client.get(f"/job/{ids[7]}").json()["task"] == "send_email"
+    bad = client.post("/send-email/batch", json={"emails": [*emails[:3], {**EMAIL, "to": "nobody"}]})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][:3] == ["body", "emails", 3]
+    assert Queue("default", connection=redis).count == 0
+    assert client.post("/send-email/batch", json={"emails": []}).status_code == 422
