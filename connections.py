@@ -19,7 +19,8 @@ from settings import get_settings
 
 
 @lru_cache(maxsize=8)
-def _client(url: str, socket_timeout: float) -> Redis:
+def client_for(url: str, socket_timeout: float) -> Redis:
+    """One blocking client per URL and timeout, shared by the whole process (the API, channels, inbox)."""
     return Redis.from_url(
         url,
         socket_timeout=socket_timeout,
@@ -43,7 +44,7 @@ def _async_client(url: str, socket_timeout: float) -> aioredis.Redis:
 def redis_client() -> Redis:
     """The process's blocking client; every call waits at most `redis_socket_timeout` for Redis."""
     settings = get_settings()
-    return _client(settings.redis_url, settings.redis_socket_timeout)
+    return client_for(settings.redis_url, settings.redis_socket_timeout)
 
 
 def async_redis_client() -> aioredis.Redis:

@@ -10,19 +10,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any, cast
 
 from redis import Redis
-from redis.backoff import NoBackoff
 from redis.client import Pipeline
 from redis.exceptions import WatchError
-from redis.retry import Retry as RedisRetry
 from rq import Callback, Queue, Retry
 from rq.job import Job, JobStatus
 from rq.registry import DeferredJobRegistry, FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry
 from rq.results import Result
 
+import connections
 import metrics
 import metrics_hooks
 from exceptions import JobNotFoundError, JobStateError, PermanentError, QueueFullError, ServiceError, UnknownTaskError
@@ -35,21 +33,10 @@ DELAYED_JOBS_KEY = "rq:scheduler:scheduled_jobs"
 """rq-scheduler's sorted set of delayed jobs, scored by due time (Unix seconds, kept with fractions)."""
 
 
-@lru_cache(maxsize=8)
-def _connection(url: str, socket_timeout: float) -> Redis:
-    return Redis.from_url(
-        url,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=socket_timeout,
-        retry=RedisRetry(NoBackoff(), 1),  # one quick reconnect after a Redis restart, no more
-        health_check_interval=30,
-    )
-
-
 def get_redis(settings: Settings | None = None) -> Redis:
     """The process's Redis client; its timeouts bound how long a request can wait for Redis."""
     settings = settings or get_settings()
-    return _connection(settings.redis_url, settings.redis_socket_timeout)
+    return connections.client_for(settings.redis_url, settings.redis_socket_timeout)
 
 
 def get_queue(name: str, connection: Redis | None = None) -> Queue:

@@ -24,11 +24,12 @@ from tests.helpers import start_process, stop_process, wait_until
 
 
 def measure(jobs: int) -> tuple[list[float], list[float]]:
+    import connections
     import queues
     from settings import get_settings
 
     get_settings.cache_clear()
-    queues._connection.cache_clear()
+    connections.client_for.cache_clear()
     connection = Redis.from_url(os.environ["REDIS_URL"])
     now = datetime.now(UTC)
     due = {

@@ -141,11 +141,11 @@ def running(workdir: Path) -> Iterator[Stack]:
 
 def reset_caches() -> None:
     """Make this process's settings and Redis client follow the environment just set."""
-    import queues
+    import connections
     from settings import get_settings
 
     get_settings.cache_clear()
-    queues._connection.cache_clear()
+    connections.client_for.cache_clear()
 
 
 def rss_mib(pid: int) -> float:

