@@ -28,6 +28,19 @@ def wait_until(condition: Callable[[], T | None], timeout: float = 10.0, interva
         time.sleep(interval)
 
 
+def wait_for_http(url: str, timeout: float = 30.0) -> None:
+    """Wait until `url` answers 200 (a server started by a test is up)."""
+    import httpx2
+
+    def ok() -> bool:
+        try:
+            return httpx2.get(url, timeout=1).status_code == 200
+        except httpx2.HTTPError:
+            return False
+
+    wait_until(ok, timeout, interval=0.1, what=f"{url} to answer")
+
+
 def start_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start a project entry point (`worker.py`) or a command of the venv (`rq`) from the project folder."""
     program = args[0] if args[0].endswith(".py") else str(Path(sys.executable).with_name(args[0]))

@@ -18,7 +18,7 @@ import mcp_server
 from mailsink import MailSink, free_port
 from schemas import JOB_ID_PATTERN, JobAccepted, JobPage, JobView, NotificationAccepted
 from tests.conftest import StartProcess, _reset_caches
-from tests.helpers import wait_until
+from tests.helpers import wait_for_http, wait_until
 
 T = TypeVar("T")
 TOOLS = {"create_task", "get_task", "complete_task", "trigger_notification", "list_failed", "requeue"}
@@ -175,13 +175,7 @@ def test_served_over_streamable_http_by_the_api_behind_its_key(
     processes("uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port), "--no-access-log")
     api, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer mcp-test-key"}
 
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{api}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, timeout=30, interval=0.1, what="the API to answer")
+    wait_for_http(f"{api}/healthz")
     assert httpx.post(f"{api}/mcp/", json={"jsonrpc": "2.0", "id": 1, "method": "ping"}).status_code == 401
 
     async def session() -> tuple[set[str], dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -15,7 +15,7 @@ import pytest
 
 from mailsink import free_port
 from serve import port_is_free
-from tests.helpers import ROOT, wait_until
+from tests.helpers import ROOT, wait_for_http, wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -50,13 +50,7 @@ def test_run_command_serves_mail_refuses_a_second_copy_and_stops_cleanly(stack: 
     assert isinstance(ports, dict) and isinstance(log, Path)
     api = f"http://127.0.0.1:{ports['api']}"
 
-    def healthy() -> bool:
-        try:
-            return httpx.get(f"{api}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(healthy, timeout=30, interval=0.2, what="the API to answer")
+    wait_for_http(f"{api}/healthz")
     email = {"to": "ann@example.com", "subject": "Hi", "body": "Welcome"}
     job = httpx.post(f"{api}/send-email", json=email).json()
     wait_until(lambda: "mail to ann@example.com: 'Hi'" in log.read_text(), timeout=20, what="the sink to print it")
