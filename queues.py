@@ -5,6 +5,7 @@ Shared by the API and the workers; it never imports the web layer.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, cast
 
+from pydantic import BaseModel
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
@@ -26,7 +28,7 @@ import metrics_hooks
 from exceptions import JobNotFoundError, JobStateError, PermanentError, QueueFullError, ServiceError, UnknownTaskError
 from schemas import JobAccepted, JobError, JobView, Priority
 from settings import QUEUE_NAMES, Settings, get_settings
-from tasks import TASKS, send_email
+from tasks import TASKS, Task, send_email
 
 CANCELABLE = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
 DELAYED_JOBS_KEY = "rq:scheduler:scheduled_jobs"
@@ -56,15 +58,36 @@ def ensure_capacity(queue: Queue) -> None:
     The length (one LLEN) is read again only when the last look is older than half a second or was
     within a tenth of the limit, so a busy API skips that round trip while the queue is far from full.
     """
-    settings = get_settings()
-    read_at, waiting = _known_lengths.get(queue.name, (0.0, 0))
-    near_limit = waiting >= settings.queue_max_waiting * 0.9
-    if near_limit or time.monotonic() - read_at > LENGTH_FRESH_SECONDS:
-        waiting = int(queue.connection.llen(queue.key))
-        _known_lengths[queue.name] = (time.monotonic(), waiting)
-    if waiting >= settings.queue_max_waiting:
+    if _length_is_stale(queue.name):
+        _known_lengths[queue.name] = (time.monotonic(), int(queue.connection.llen(queue.key)))
+    if _is_full(queue.name):
         metrics_hooks.record_rejection(queue.name)
-        raise QueueFullError(queue.name, waiting, settings.queue_full_retry_after_seconds)
+        raise _queue_full(queue.name)
+
+
+async def ensure_capacity_async(queue: Queue) -> None:
+    """`ensure_capacity` through the asyncio client."""
+    if _length_is_stale(queue.name):
+        waiting = int(await connections.async_redis_client().llen(queue.key))
+        _known_lengths[queue.name] = (time.monotonic(), waiting)
+    if _is_full(queue.name):
+        await asyncio.to_thread(metrics_hooks.record_rejection, queue.name)
+        raise _queue_full(queue.name)
+
+
+def _length_is_stale(queue_name: str) -> bool:
+    read_at, waiting = _known_lengths.get(queue_name, (0.0, 0))
+    near_limit = waiting >= get_settings().queue_max_waiting * 0.9
+    return near_limit or time.monotonic() - read_at > LENGTH_FRESH_SECONDS
+
+
+def _is_full(queue_name: str) -> bool:
+    return _known_lengths[queue_name][1] >= get_settings().queue_max_waiting
+
+
+def _queue_full(queue_name: str) -> QueueFullError:
+    settings = get_settings()
+    return QueueFullError(queue_name, _known_lengths[queue_name][1], settings.queue_full_retry_after_seconds)
 
 
 def _count_own_enqueue(queue_name: str) -> None:
@@ -74,12 +97,16 @@ def _count_own_enqueue(queue_name: str) -> None:
         _known_lengths[queue_name] = (read_at, waiting + 1)
 
 
+_JITTER = random.Random()
+"""The jitter's source (a new `random.Random()` per job would read the OS's entropy pool each time)."""
+
+
 def backoff_intervals(settings: Settings, rng: random.Random | None = None, retries: int | None = None) -> list[int]:
     """Exponential backoff with jitter: `min(base * 2**n, cap)`, plus up to `jitter` of it.
 
     RQ only takes a list of delays, so the list is computed here, once per job.
     """
-    rng = rng or random.Random()
+    rng = rng or _JITTER
     delays = []
     for attempt in range(settings.retry_max if retries is None else retries):
         delay = min(settings.retry_base_seconds * 2**attempt, settings.retry_cap_seconds)
@@ -113,23 +140,58 @@ def enqueue_task(name: str, kwargs: dict[str, Any], priority: Priority = "defaul
     A task that waits (`Task.waits`) is parked instead, until `complete_job`.
     Raises `UnknownTaskError`, or pydantic's `ValidationError` for bad arguments.
     """
+    task, arguments, queue = _checked(name, kwargs, priority, due)
+    ensure_capacity(queue)
+    job = _created(queue, task, name, arguments)
+    with transaction() as pipeline:
+        _write(queue, job, task, due, pipeline)
+    return job
+
+
+async def enqueue_task_async(
+    name: str, kwargs: dict[str, Any] | BaseModel, priority: Priority = "default", due: datetime | None = None
+) -> Job:
+    """`enqueue_task` for the API's event loop: the same job and the same commands, sent through the
+    asyncio client in one MULTI/EXEC round trip, so no thread waits for Redis.
+
+    `kwargs` may be an instance of the task's arguments model, already validated by the caller.
+    """
+    task, arguments, queue = _checked(name, kwargs, priority, due)
+    await ensure_capacity_async(queue)
+    if not getattr(queue.connection, "__rq_redis_server_version", None):  # RQ's cache of INFO, once per client
+        await asyncio.to_thread(queue.get_redis_server_version)
+    job = _created(queue, task, name, arguments)
+    recorder = get_redis().pipeline()  # never executed: RQ writes its commands here, for the replay
+    recorder.multi()
+    _write(queue, job, task, due, recorder)
+    await connections.execute_async(recorder)
+    return job
+
+
+def _checked(
+    name: str, kwargs: dict[str, Any] | BaseModel, priority: Priority, due: datetime | None
+) -> tuple[Task, dict[str, Any], Queue]:
+    """The task, its arguments as JSON values, and the queue; raises if any is wrong."""
     task = TASKS.get(name)
     if task is None:
         raise UnknownTaskError(name, sorted(TASKS))
-    arguments = task.args.model_validate(kwargs).model_dump(mode="json")
+    checked = kwargs if isinstance(kwargs, task.args) else task.args.model_validate(kwargs)
+    arguments = checked.model_dump(mode="json", include=set(task.args.model_fields))
     if task.waits and due is not None:
         raise ServiceError(f"task {name!r} waits for complete_task; it takes no delay_seconds or send_at")
-    queue = get_queue(priority)
-    ensure_capacity(queue)
-    job = queue.create_job(
-        task.func, kwargs=arguments, meta={"task": name}, **job_options(retry_policy(get_settings()))
-    )
-    with transaction() as pipeline:
-        if task.waits:
-            park(queue, job, pipeline)
-        else:
-            submit(queue, job, due, pipeline)
-    return job
+    return task, arguments, get_queue(priority)
+
+
+def _created(queue: Queue, task: Task, name: str, arguments: dict[str, Any]) -> Job:
+    options = job_options(retry_policy(get_settings()))
+    return queue.create_job(task.func, kwargs=arguments, meta={"task": name}, **options)
+
+
+def _write(queue: Queue, job: Job, task: Task, due: datetime | None, pipeline: Pipeline) -> None:
+    if task.waits:
+        park(queue, job, pipeline)
+    else:
+        submit(queue, job, due, pipeline)
 
 
 def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> list[Job]:

@@ -78,6 +78,7 @@ def start_embedded_redis(url: str, settings: Settings, var: Path) -> subprocess.
     command = [str(get_binary_path()), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir)]
     command += ["--appendonly", "yes", "--appendfsync", settings.redis_appendfsync]
     command += ["--maxmemory-policy", "noeviction", "--logfile", str(data_dir / "valkey.log")]
+    command += ["--notify-keyspace-events", "Kl"]  # idle workers wake on a push (recovery.Wakeups)
     server = subprocess.Popen(command, start_new_session=True)  # so Ctrl-C reaches it last, from us
     deadline = time.monotonic() + 10
     while server.poll() is None and time.monotonic() < deadline:
@@ -92,7 +93,7 @@ def processes(settings: Settings, options: Options) -> dict[str, str]:
     python = f"exec {sys.executable}"
     commands = {"api": f"{python} -m uvicorn app:app --host {options.host} --port {options.port} --no-access-log"}
     commands["api"] += f" --workers {settings.api_workers}" if settings.api_workers > 1 else ""
-    commands |= {f"worker.{n}": f"{python} worker.py" for n in range(1, settings.worker_count + 1)}
+    commands["worker"] = f"{python} worker.py"  # a pool of WORKER_COUNT processes
     commands["scheduler"] = f"{python} scheduler.py"
     if not settings.smtp_configured:
         commands["mail"] = f"{python} mailsink.py --port {options.mail_port} --maildir {options.var / 'mail'}"
@@ -124,7 +125,7 @@ def banner(settings: Settings, options: Options, embedded: bool, password: str) 
             api_keys_line(settings, options),
             f"  Redis     {redacted(settings.redis_url)}{where}",
             f"  Mail      {mail}",
-            f"  Workers   {settings.worker_count} on queues high, default, low",
+            f"  Workers   {settings.worker_count} {settings.worker_class} processes on queues high, default, low",
             "  Try       curl -X POST localhost:8000/send-email -H 'content-type: application/json' \\",
             """              -d '{"to":"ann@example.com","subject":"Hi","body":"Welcome"}'""",
             "",

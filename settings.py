@@ -42,7 +42,12 @@ class Settings(BaseSettings):
     result_ttl_seconds: int = Field(86_400, ge=0)
     failure_ttl_seconds: int = Field(7 * 86_400, ge=1)
 
-    worker_count: int = Field(2, ge=1)
+    worker_count: int = Field(2, ge=1, description="worker processes `worker.py` keeps running (one per core)")
+    worker_class: Literal["simple", "fork"] = Field(
+        "simple", description="simple: jobs run in the worker process; fork: a fresh process per job (RQ's Worker)"
+    )
+    worker_max_jobs: int = Field(1000, ge=1, description="a simple worker process is replaced after this many jobs")
+    worker_max_memory_mib: int = Field(512, ge=16, description="... or once its resident memory exceeds this")
     api_workers: int = Field(2, ge=1, description="uvicorn worker processes of the API (one per core)")
     worker_ttl_seconds: int = Field(20, ge=2, description="worker heartbeat TTL; idle workers poll for it")
     worker_maintenance_interval_seconds: int = Field(10, ge=1, description="how often a worker cleans registries")

@@ -57,7 +57,8 @@ QUICK = Config(2, 3, 1000, 100, 3.0, 50, 3.0, 100, 5.0, 20)
 
 
 def make_rows(config: Config) -> dict[str, Row]:
-    base, drain, idle = "rq Worker, plain jobs", f"{config.drain_jobs} no-op jobs, --burst", "rq Worker, idle"
+    base, idle = "rq Worker, plain jobs", "rq Worker, idle"
+    drain = f"{config.drain_jobs} no-op jobs, first start to last end"
     rows = {
         "api rate": Row("POST /send-email", "req/s", "GET /healthz (ceiling)", "≥0.8x"),
         "api p50": Row("POST /send-email p50", "ms", "GET /healthz p50"),
@@ -196,7 +197,7 @@ def measure_emails(stack: Stack, rows: dict[str, Row], config: Config) -> None:
     from settings import get_settings
 
     count, row = get_settings().worker_count, rows["emails"]
-    workers = [stack.worker("worker.py") for _ in range(count)]
+    pool = stack.worker_pool()
     stack.wait_for_workers(count)
     for run in range(config.runs):
         progress(f"end to end, run {run + 1}/{config.runs}")
@@ -211,8 +212,7 @@ def measure_emails(stack: Stack, rows: dict[str, Row], config: Config) -> None:
                 )
             jobs.settle(stack)
     row.name, row.baseline = row.name.replace("worker.py", f"{count} worker.py"), f"no-op jobs, same {count} workers"
-    for worker in workers:
-        stop_process(worker)
+    stop_process(pool)
     stack.flush()
 
 
@@ -222,8 +222,7 @@ def measure_scheduling(stack: Stack, rows: dict[str, Row], config: Config) -> No
     from settings import get_settings
 
     count = get_settings().worker_count
-    processes = [stack.worker("worker.py") for _ in range(count)]
-    processes.append(stack.spawn("scheduler", [sys.executable, "scheduler.py"]))
+    processes = [stack.worker_pool(), stack.spawn("scheduler", [sys.executable, "scheduler.py"])]
     stack.wait_for_workers(count)
     for run in range(config.runs):
         progress(f"scheduling, run {run + 1}/{config.runs}")

@@ -261,7 +261,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int)
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="chaos-redis-"))
-    server = ValkeyServer(data_dir=data_dir, appendonly="no", save="")
+    server = ValkeyServer(data_dir=data_dir, appendonly="no", save="", config={"notify-keyspace-events": "Kl"})
     server.start()
     sink = mailsink.MailSink()
     controller = mailsink.start(sink)

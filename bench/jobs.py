@@ -111,7 +111,8 @@ class Drain:
 
 
 def drain(stack: Stack, kind: str, source: str, count: int, cap: float) -> Drain:
-    """A `--burst` worker of `kind` from its start to its exit, on `count` queued no-op jobs.
+    """A `--burst` worker of `kind` on `count` queued no-op jobs: from the first job's start to the
+    last one's end (the jobs' own timestamps), or with no jobs from the worker's start to its exit.
 
     Stopped after `cap` seconds if it has not finished by then: the jobs done so far count.
     """
@@ -124,10 +125,20 @@ def drain(stack: Stack, kind: str, source: str, count: int, cap: float) -> Drain
     stop_process(process)
     with stack.redis() as connection:
         done, failed = finished(connection), failures(connection)
+        busy = busy_seconds(connection) if done > 1 else elapsed
     if code not in (0, None) or failed or (code == 0 and done < count):
         raise RuntimeError(f"{kind} on {source} jobs: exit {code}, {done} of {count} done, {failed} failed")
     stack.flush()
-    return Drain(done, elapsed)
+    return Drain(done, busy)
+
+
+def busy_seconds(connection: Redis) -> float:
+    """From the earliest start to the latest end of the finished jobs."""
+    ids = [job_id for name in QUEUES for job_id in FinishedJobRegistry(name, connection=connection).get_job_ids()]
+    jobs = [job for job in Job.fetch_many(ids, connection=connection) if job]
+    starts = [job.started_at for job in jobs if job.started_at]
+    ends = [job.ended_at for job in jobs if job.ended_at]
+    return (max(ends) - min(starts)).total_seconds()
 
 
 def failures(connection: Redis) -> int:

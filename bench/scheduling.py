@@ -57,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=50)
     args = parser.parse_args()
-    server = ValkeyServer(appendonly="no", save="")
+    server = ValkeyServer(appendonly="no", save="", config={"notify-keyspace-events": "Kl"})
     server.start()
     os.environ["REDIS_URL"] = server.connection_url
     processes = [start_process("worker.py"), start_process("scheduler.py")]

@@ -28,11 +28,12 @@ from tests.helpers import stop_process, wait_until
 ROOT = Path(__file__).resolve().parent.parent
 QUEUES = ("high", "default", "low")
 WORKERS: dict[str, list[str]] = {
-    "worker.py": [sys.executable, "worker.py"],
+    "worker.py": [sys.executable, "worker.py", "--processes", "1"],
     "rq Worker": [str(Path(sys.executable).with_name("rq")), "worker"],
     "rq SimpleWorker": [str(Path(sys.executable).with_name("rq")), "worker", "-w", "rq.worker.SimpleWorker"],
 }
-"""The worker set-ups compared: the project's entry point, and RQ's stock command with either class."""
+"""The worker set-ups compared, one process each: the project's entry point (a pool of one, default
+class), and RQ's stock command with either class."""
 API_KEY = secrets.token_urlsafe(16)
 """The API's one key for this run (`API_KEYS`); every request sends it, whether or not the API checks keys."""
 
@@ -53,10 +54,15 @@ class Stack:
         return spawn(self.workdir, self.cleanup, name, args)
 
     def worker(self, kind: str, burst: bool = False) -> subprocess.Popen[bytes]:
+        """One worker process of `kind`."""
         args = [*WORKERS[kind], *(["--burst"] if burst else [])]
         if kind != "worker.py":
             args += ["--url", self.redis_url, *QUEUES]
         return self.spawn(kind, args)
+
+    def worker_pool(self) -> subprocess.Popen[bytes]:
+        """The run command's workers: `worker.py`, a pool of WORKER_COUNT processes."""
+        return self.spawn("worker pool", [sys.executable, "worker.py"])
 
     def wait_for_workers(self, count: int) -> None:
         with self.redis() as connection:
@@ -111,6 +117,7 @@ def http_ok(url: str) -> bool:
 def start_redis(workdir: Path, cleanup: ExitStack) -> str:
     """Valkey configured as the service runs it: append-only file, fsync every second, no eviction."""
     config = {"appendonly": "yes", "appendfsync": "everysec", "save": "", "maxmemory-policy": "noeviction"}
+    config["notify-keyspace-events"] = "Kl"
     server = ValkeyServer(data_dir=workdir / "redis", config=config)
     server.start()
     cleanup.callback(server.stop)

@@ -22,6 +22,8 @@ from settings import get_settings
 from tests.helpers import start_process, stop_process, wait_until
 from tests.receiver import Receiver
 
+KEYSPACE_EVENTS = {"notify-keyspace-events": "Kl"}
+"""As the run command configures Redis: idle workers wake on pushes onto their queues (`recovery.Wakeups`)."""
 FAST_RETRIES = {"RETRY_BASE_SECONDS": "1", "RETRY_CAP_SECONDS": "4", "RETRY_JITTER": "0", "RETRY_MAX": "4"}
 
 
@@ -29,7 +31,7 @@ FAST_RETRIES = {"RETRY_BASE_SECONDS": "1", "RETRY_CAP_SECONDS": "4", "RETRY_JITT
 def redis_server() -> Iterator[ValkeyServer]:
     """A Redis-compatible server on a free port, started for this test session only."""
     data_dir = Path(tempfile.mkdtemp(prefix="test-redis-"))
-    server = ValkeyServer(data_dir=data_dir, appendonly="no", save="")
+    server = ValkeyServer(data_dir=data_dir, appendonly="no", save="", config=KEYSPACE_EVENTS)
     server.start()
     yield server
     server.stop()
@@ -38,8 +40,10 @@ def redis_server() -> Iterator[ValkeyServer]:
 
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch, redis_server: ValkeyServer) -> Iterator[dict[str, str]]:
-    """Point settings (ours and the child processes') at the test server; fast retries."""
-    values = {"REDIS_URL": f"{redis_server.connection_url}/0", "ENVIRONMENT": "local", **FAST_RETRIES}
+    """Point settings (ours and the child processes') at the test server; fast retries; one process
+    per `worker.py` pool."""
+    values = {"REDIS_URL": f"{redis_server.connection_url}/0", "ENVIRONMENT": "local", "WORKER_COUNT": "1"}
+    values |= FAST_RETRIES
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("SMTP_HOST", raising=False)

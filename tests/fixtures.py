@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from rq import get_current_job
@@ -28,4 +29,29 @@ def count_runs(seconds: float) -> int:
     assert job is not None, "runs as an RQ job"
     runs = int(job.connection.incr(f"runs:{job.id}"))
     time.sleep(seconds)
+    return runs
+
+
+def pid() -> int:
+    """The id of the process that runs the job."""
+    return os.getpid()
+
+
+_leaked: list[bytes] = []
+
+
+def leak(mib: int) -> int:
+    """Keep `mib` MiB for the rest of the process's life, as a leaking job does; the process id."""
+    _leaked.append(b"x" * (mib * 2**20))
+    return os.getpid()
+
+
+def die_on_first_run() -> int:
+    """Kill the process that runs the job on its first run (as a crash in C code would); the count
+    of runs (`runs:<job id>`) on the next."""
+    job = get_current_job()
+    assert job is not None, "runs as an RQ job"
+    runs = int(job.connection.incr(f"runs:{job.id}"))
+    if runs == 1:
+        os._exit(70)
     return runs

@@ -60,26 +60,27 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> Non
 
 
 def kill_worker(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL a worker started by `start_process` and its work-horse, as when its machine dies.
+    """SIGKILL a `worker.py` started by `start_process`: its pool, workers and any work-horse, as when
+    its machine dies.
 
     The group is stopped first, so that no new horse is forked while the horse is looked up: RQ puts
     the horse in a process group of its own, which killing the worker's group would leave running.
     """
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGSTOP)
-        descendants = _descendants(process.pid)
+        stopped = descendants(process.pid)
         os.killpg(process.pid, signal.SIGKILL)
-        for pid in descendants:
+        for pid in stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     process.wait()
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Child processes of `pid`, and theirs (Linux: /proc/<pid>/task/<tid>/children)."""
     children: list[int] = []
     with contextlib.suppress(FileNotFoundError):
         for task in Path(f"/proc/{pid}/task").iterdir():
             with contextlib.suppress(FileNotFoundError):
                 children += [int(child) for child in (task / "children").read_text().split()]
-    return children + [grandchild for child in children for grandchild in _descendants(child)]
+    return children + [grandchild for child in children for grandchild in descendants(child)]

@@ -69,6 +69,7 @@ def test_redis_keeps_an_append_only_file_and_never_evicts(services: dict[str, di
     command = " ".join(words(services["redis"]["command"]))
     assert "--appendonly yes" in command
     assert "--maxmemory-policy noeviction" in command
+    assert "--notify-keyspace-events Kl" in command
     assert services["redis"]["volumes"]
 
 

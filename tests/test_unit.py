@@ -112,6 +112,7 @@ def test_failed_jobs_are_listed_newest_first_across_queues(fake_redis: fakeredis
     assert queues.failed_jobs("low", 0, 10)[0] == 1
 
 
-def test_worker_class_is_simple_on_windows_and_forking_elsewhere() -> None:
-    assert issubclass(worker.worker_class("win32"), SimpleWorker)
-    assert issubclass(worker.worker_class("linux"), Worker)
+def test_worker_class_is_simple_on_windows_and_by_default_and_forking_on_request() -> None:
+    assert issubclass(worker.worker_class("win32", "fork"), SimpleWorker)
+    assert issubclass(worker.worker_class("linux", "simple"), SimpleWorker)
+    assert issubclass(worker.worker_class("linux", "fork"), Worker)

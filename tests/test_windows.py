@@ -1,4 +1,5 @@
-"""Windows cannot fork: `worker.py` must pick RQ's `SimpleWorker` there, the forking `Worker` elsewhere."""
+"""`worker.py` picks RQ's `SimpleWorker` on Windows (it cannot fork) and by default; the forking
+`Worker` with WORKER_CLASS=fork elsewhere."""
 
 from __future__ import annotations
 
@@ -7,14 +8,22 @@ import sys
 import fakeredis
 import pytest
 from rq import SimpleWorker, Worker
+from rq.worker import BaseWorker
 
 import worker
+from settings import get_settings
+
+CASES: list[tuple[str, str, type[BaseWorker]]] = [("win32", "fork", SimpleWorker), ("win32", "simple", SimpleWorker)]
+CASES += [("linux", "simple", SimpleWorker), ("linux", "fork", Worker)]
 
 
-@pytest.mark.parametrize(("platform", "expected"), [("win32", SimpleWorker), ("linux", Worker)])
-def test_build_worker_picks_the_worker_class_for_the_platform(
-    monkeypatch: pytest.MonkeyPatch, platform: str, expected: type[Worker]
+@pytest.mark.parametrize(("platform", "kind", "expected"), CASES)
+def test_build_worker_picks_the_worker_class_for_the_platform_and_setting(
+    monkeypatch: pytest.MonkeyPatch, platform: str, kind: str, expected: type[BaseWorker]
 ) -> None:
     monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setenv("WORKER_CLASS", kind)
+    get_settings.cache_clear()
     built = worker.build_worker(connection=fakeredis.FakeRedis())
+    get_settings.cache_clear()
     assert isinstance(built, expected)

