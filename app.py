@@ -237,10 +237,17 @@ async def send_email(request: SendEmailRequest, idempotency_key: IdempotencyKey 
 
 
 @app.post("/send-email/batch", status_code=202, response_model=JobsAccepted, response_model_exclude_none=True)
-def send_email_batch(request: SendEmailBatch) -> JobsAccepted:
-    """Queue up to 1,000 emails in one request and one Redis transaction (all or none)."""
-    jobs = queues.enqueue_emails([email.model_dump(mode="json") for email in request.emails], request.priority)
-    return JobsAccepted(jobs=[queues.job_accepted(job) for job in jobs])
+def send_email_batch(request: SendEmailBatch) -> Response:
+    """Queue up to 1,000 emails in one request and one Redis transaction (all or none).
+
+    The answer (`JobsAccepted`) is written directly: its values are ids made here and the validated
+    priority, and checking a thousand of them against the model again cost a tenth of the request.
+    """
+    ids = queues.enqueue_emails([email.model_dump(mode="json") for email in request.emails], request.priority)
+    accepted = [
+        {"job_id": id_, "status": "queued", "queue": request.priority, "status_url": f"/job/{id_}"} for id_ in ids
+    ]
+    return JSONResponse({"jobs": accepted}, status_code=202)
 
 
 @app.get("/send-email/{email}", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)

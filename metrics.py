@@ -67,9 +67,9 @@ class Counter:
     def key(self) -> str:
         return KEY_PREFIX + self.name
 
-    def inc(self, connection: Redis, *values: str) -> None:
-        """Add one; `connection` may be a pipeline, which then carries the increment."""
-        connection.hincrby(self.key, _field(values), 1)
+    def inc(self, connection: Redis, *values: str, amount: int = 1) -> None:
+        """Add one (or `amount`); `connection` may be a pipeline, which then carries the increment."""
+        connection.hincrby(self.key, _field(values), amount)
 
     def family(self, raw: dict[bytes, bytes]) -> Metric:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
@@ -154,6 +154,11 @@ def task_name(job: Job) -> str:
 def job_submitted(pipeline: Redis, job: Job) -> None:
     """Count a job in the transaction that submits it, so it is counted exactly when it exists."""
     JOBS_ENQUEUED.inc(pipeline, task_name(job))
+
+
+def jobs_submitted(pipeline: Redis, task: str, count: int) -> None:
+    """Count `count` jobs of `task` in the transaction that submits them."""
+    JOBS_ENQUEUED.inc(pipeline, task, amount=count)
 
 
 def job_ended(job: Job, connection: Redis, outcome: str) -> None:

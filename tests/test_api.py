@@ -138,6 +138,24 @@ def test_openapi_docs_are_served(client: TestClient) -> None:
     assert "/send-email" in client.get("/openapi.json").json()["paths"]
 
 
+@pytest.mark.parametrize("copy", [True, False], ids=["COPY", "before Redis 6.2"])
+def test_a_batch_job_is_stored_as_rq_stores_the_same_job(
+    client: TestClient, redis: Redis, monkeypatch: pytest.MonkeyPatch, copy: bool
+) -> None:
+    """The batch writes job hashes itself (for speed): the same fields and values as RQ's own
+    enqueue of the same email, but for the creation times (jitter is 0 in tests)."""
+    if not copy:
+        monkeypatch.setattr(Queue, "get_redis_server_version", lambda queue: (6, 0, 16))
+    batch_id = client.post("/send-email/batch", json={"emails": [EMAIL]}).json()["jobs"][0]["job_id"]
+    single_id = client.post("/send-email", json=EMAIL).json()["job_id"]
+    batch, single = (redis.hgetall(f"rq:job:{job_id}") for job_id in (batch_id, single_id))
+    for times in (b"created_at", b"enqueued_at"):
+        assert batch.pop(times) and single.pop(times)
+    assert batch == single
+    assert Queue("default", connection=redis).job_ids == [batch_id, single_id]
+    assert sorted(redis.keys("rq:job:*")) == sorted(f"rq:job:{id_}".encode() for id_ in (batch_id, single_id))
+
+
 def test_batch_queues_every_email_in_one_go_or_none(client: TestClient, redis: Redis) -> None:
     emails = [{**EMAIL, "subject": f"n{n}"} for n in range(50)]
     response = client.post("/send-email/batch", json={"emails": emails, "priority": "low"})

@@ -33,6 +33,14 @@ def test_email_goes_out_over_smtp_and_the_job_finishes(client: TestClient, smtp:
     assert job["error"] is None and job["retries_left"] == 4
 
 
+def test_every_email_of_a_batch_goes_out(client: TestClient, smtp: MailSink, worker: object) -> None:
+    emails = [{**EMAIL, "to": f"user{n}@example.com"} for n in range(3)]
+    jobs = client.post("/send-email/batch", json={"emails": emails}).json()["jobs"]
+    assert sorted(message["To"] for message in smtp.wait_for(3)) == [email["to"] for email in emails]
+    for job in jobs:
+        _wait_for_status(client, job["job_id"], "finished")
+
+
 def test_transient_smtp_failures_are_retried_with_backoff_then_succeed(
     client: TestClient, smtp: MailSink, worker: object
 ) -> None:
