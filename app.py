@@ -221,7 +221,7 @@ def _enqueue(task: str, kwargs: dict[str, Any], priority: Priority, due: datetim
 
 
 @app.post("/send-email", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)
-async def send_email(request: SendEmailRequest, idempotency_key: IdempotencyKey = None) -> dict[str, Any]:
+async def send_email(request: SendEmailRequest, idempotency_key: IdempotencyKey = None) -> dict[str, Any] | Response:
     """Queue one email, now or later; a worker sends it, retrying transient failures with backoff.
 
     On the event loop, with one round trip to Redis (the hot path); with an Idempotency-Key, in a
@@ -233,7 +233,8 @@ async def send_email(request: SendEmailRequest, idempotency_key: IdempotencyKey 
         return await run_in_threadpool(_idempotent, "send-email", idempotency_key, request, make)
     with _task_errors():
         job = await queues.enqueue_task_async("send_email", request, request.priority, request.due_at())
-    return queues.job_accepted(job).model_dump(mode="json", exclude_none=True)
+    accepted = queues.job_accepted(job).model_dump_json(exclude_none=True)  # a JobAccepted already: not checked again
+    return Response(accepted, status_code=202, media_type="application/json")
 
 
 @app.post("/send-email/batch", status_code=202, response_model=JobsAccepted, response_model_exclude_none=True)

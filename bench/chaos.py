@@ -189,7 +189,10 @@ def run(
     report = Report(jobs, workers)
     began = time.monotonic()
     job_ids = enqueue(jobs)
-    processes = [start_process("scheduler.py"), *(start_process("worker.py") for _ in range(workers))]
+    processes = [
+        start_process("scheduler.py"),
+        *(start_process("worker.py", "--processes", "1") for _ in range(workers)),
+    ]
     deadline, next_kill = began + max_seconds, None  # the first kill once the workers are at work
     try:
         while True:
@@ -205,7 +208,7 @@ def run(
                 pending = {t.member for t in report.tracked if t.recovered_at is None}  # an earlier kill's
                 report.tracked += [t for t in kill(processes[index], connection) if t.member not in pending]
                 print(f"{datetime.now(UTC).isoformat()} kill {report.kills + 1}", file=sys.stderr, flush=True)
-                processes[index] = start_process("worker.py")
+                processes[index] = start_process("worker.py", "--processes", "1")
                 report.kills += 1
                 next_kill = now + kill_every * rng.uniform(0.5, 1.5)
             time.sleep(0.05)
