@@ -25,6 +25,8 @@ class MailSink:
 
     def __init__(self, maildir: Path | None = None, echo: bool = False) -> None:
         self.messages: list[EmailMessage] = []
+        self.peers: list[object] = []
+        """The client address of each message's SMTP session, in order."""
         self.maildir = maildir
         self.echo = echo
         self._replies: deque[str] = deque()
@@ -39,6 +41,7 @@ class MailSink:
         raw = envelope.original_content or b""
         message = message_from_bytes(raw, policy=policy.default)
         assert isinstance(message, EmailMessage)
+        self.peers.append(session.peer)
         self._keep(message, raw)
         return "250 Message accepted for delivery"
 

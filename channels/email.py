@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import smtplib
+import threading
+import time
 from email.message import EmailMessage
 from email.utils import make_msgid
 
@@ -39,13 +41,61 @@ def send(settings: Settings, message: EmailMessage) -> None:
         raise TransientError(f"SMTP server unreachable: {type(exc).__name__}: {exc}") from None
 
 
+class _Session(threading.local):
+    """This thread's open SMTP session, kept between the jobs of a worker process: connecting, the
+    greeting, EHLO (and STARTTLS, AUTH) cost more than sending a message."""
+
+    smtp: smtplib.SMTP | None = None
+    server: tuple[object, ...] = ()
+    last_used = 0.0
+
+
+_session = _Session()
+SESSION_IDLE_SECONDS = 30.0
+"""A session idle longer is closed rather than reused: servers drop idle clients after a while."""
+
+
 def _deliver(settings: Settings, message: EmailMessage) -> None:
-    with smtplib.SMTP(settings.smtp_host or "", settings.smtp_port, timeout=settings.smtp_timeout) as smtp:
+    smtp = _open_session(settings)
+    try:
+        smtp.send_message(message)
+    except BaseException:
+        _close_session()  # in a state we do not know: the next message starts afresh
+        raise
+    _session.last_used = time.monotonic()
+
+
+def _open_session(settings: Settings) -> smtplib.SMTP:
+    """The kept session if it is to the same server, recent and answers NOOP; else a new one."""
+    server = (settings.smtp_host, settings.smtp_port, settings.smtp_username, settings.smtp_starttls)
+    fresh = time.monotonic() - _session.last_used < SESSION_IDLE_SECONDS
+    if _session.smtp is not None and _session.server == server and fresh and _answers(_session.smtp):
+        return _session.smtp
+    _close_session()
+    smtp = smtplib.SMTP(settings.smtp_host or "", settings.smtp_port, timeout=settings.smtp_timeout)
+    try:
         if settings.smtp_starttls:
             smtp.starttls()
         if settings.smtp_username and settings.smtp_password:
             smtp.login(settings.smtp_username, settings.smtp_password.get_secret_value())
-        smtp.send_message(message)
+    except BaseException:
+        smtp.close()
+        raise
+    _session.smtp, _session.server = smtp, server
+    return smtp
+
+
+def _answers(smtp: smtplib.SMTP) -> bool:
+    try:
+        return smtp.noop()[0] == 250
+    except (OSError, smtplib.SMTPException):
+        return False
+
+
+def _close_session() -> None:
+    if _session.smtp is not None:
+        _session.smtp.close()
+        _session.smtp = None
 
 
 def _classify(code: int, reply: bytes | str) -> TransientError | PermanentError:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
+from channels import email
 from mailsink import MailSink
+from settings import get_settings
 from tests.conftest import StartProcess
 from tests.helpers import wait_until
 
@@ -104,3 +108,33 @@ def test_plain_rq_workers_never_leave_a_retry_stuck(
     job_id = client.post("/send-email", json=EMAIL).json()["job_id"]
     smtp.wait_for(1, timeout=20)
     assert _wait_for_status(client, job_id, "finished")["retries_left"] == 3
+
+
+def _send(subject: str) -> None:
+    settings = get_settings()
+    email.send(settings, email.build_message(settings, "ann@example.com", subject, "Welcome"))
+
+
+def test_one_smtp_session_carries_the_messages_of_a_process_and_a_dropped_one_is_replaced(smtp: MailSink) -> None:
+    try:
+        _send("one")
+        _send("two")
+        assert len(smtp.peers) == 2 and smtp.peers[0] == smtp.peers[1]
+        session = email._session.smtp
+        assert session is not None and session.sock is not None
+        session.sock.shutdown(socket.SHUT_RDWR)  # as when the server drops an idle client
+        _send("three")
+        assert [message["Subject"] for message in smtp.messages] == ["one", "two", "three"]
+        assert smtp.peers[2] != smtp.peers[1]
+    finally:
+        email._close_session()
+
+
+def test_a_session_idle_too_long_is_not_reused(smtp: MailSink, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(email, "SESSION_IDLE_SECONDS", 0.0)
+    try:
+        _send("one")
+        _send("two")
+        assert len(set(smtp.peers)) == 2
+    finally:
+        email._close_session()
