@@ -103,7 +103,8 @@ while i <= #ARGV do
 end
 return i
 """
-"""Run the commands in ARGV, each as its word count followed by its words, in one atomic step."""
+"""Run the commands in ARGV, each as its word count followed by its words, in one atomic step. Its keys
+are not declared, which Redis Cluster would refuse; RQ does not run on a cluster either."""
 _REPLAY_SHA = hashlib.sha1(REPLAY_SCRIPT.encode()).hexdigest()
 
 

@@ -155,8 +155,8 @@ def enqueue_task(name: str, kwargs: dict[str, Any], priority: Priority = "defaul
 async def enqueue_task_async(
     name: str, kwargs: dict[str, Any] | BaseModel, priority: Priority = "default", due: datetime | None = None
 ) -> Job:
-    """`enqueue_task` for the API's event loop: the same job and the same commands, sent through the
-    asyncio client in one MULTI/EXEC round trip, so no thread waits for Redis.
+    """`enqueue_task` for the API's event loop: the same job and the same commands, applied through the
+    asyncio client in one atomic round trip (`connections.execute_async`), so no thread waits for Redis.
 
     `kwargs` may be an instance of the task's arguments model, already validated by the caller.
     """

@@ -122,7 +122,8 @@ def test_an_idle_worker_wakes_on_a_keyspace_notification(monkeypatch: pytest.Mon
 
     thread.join(timeout=10)
     assert [taken.id for taken in got] == [job.id]
-    assert redis.pubsub_numsub("__keyspace@0__:rq:queue:default")[0][1] == 0, "busy workers are not subscribed"
+    channel = "__keyspace@0__:rq:queue:default"
+    wait_until(lambda: redis.pubsub_numsub(channel)[0][1] == 0, what="a busy worker to unsubscribe")
 
 
 def test_without_keyspace_notifications_an_idle_worker_polls(tmp_path: object) -> None:
