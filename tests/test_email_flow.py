@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from email.message import EmailMessage
 from typing import Any
 
 import pytest
@@ -138,3 +139,20 @@ def test_a_session_idle_too_long_is_not_reused(smtp: MailSink, monkeypatch: pyte
         assert len(set(smtp.peers)) == 2
     finally:
         email._close_session()
+
+
+@pytest.mark.parametrize("subject", ["Hi", "Grüße aus Köln", "x" * 200])
+def test_a_built_message_is_what_the_email_policy_writes(subject: str) -> None:
+    settings = get_settings()
+    built = email.build_message(settings, "ann@example.com", subject, "Welcome\nback", unique_id="job-1")
+    expected = EmailMessage()
+    for name, value in (("From", settings.smtp_from), ("To", "ann@example.com"), ("Subject", subject)):
+        expected[name] = value
+    expected["Message-ID"] = "<job-1@localhost>"
+    expected.set_content("Welcome\nback")
+    assert built.as_bytes() == expected.as_bytes()
+
+
+def test_a_header_with_a_line_break_is_refused() -> None:
+    with pytest.raises(ValueError, match="linefeed"):
+        email.build_message(get_settings(), "ann@example.com", "Hi\nBcc: eve@example.com", "x")
