@@ -46,6 +46,9 @@ _async_clients = weakref.WeakKeyDictionary()
 client runs its own loop; uvicorn one per process)."""
 
 
+_HIREDIS = HiredisRespSerializer()
+
+
 class _HiredisPacking(aioredis.Connection):
     """Commands packed by hiredis, as redis-py's blocking connections do: its asyncio ones pack them in
     Python, which was a third of a `POST /send-email` (an enqueue sends RQ's 60-odd words)."""
@@ -53,7 +56,7 @@ class _HiredisPacking(aioredis.Connection):
     def pack_command(self, *args: EncodableT) -> list[bytes]:
         if not HIREDIS_AVAILABLE:
             return super().pack_command(*args)
-        return cast(list[bytes], HiredisRespSerializer().pack(*cast(Any, args)))
+        return cast(list[bytes], _HIREDIS.pack(*cast(Any, args)))
 
 
 class _HiredisPackingSSL(_HiredisPacking, aioredis.SSLConnection):

@@ -126,17 +126,17 @@ def test_an_idle_worker_wakes_on_a_keyspace_notification(monkeypatch: pytest.Mon
     wait_until(lambda: redis.pubsub_numsub(channel)[0][1] == 0, what="a busy worker to unsubscribe")
 
 
-def test_without_keyspace_notifications_an_idle_worker_polls(tmp_path: object) -> None:
+def test_without_keyspace_notifications_an_idle_worker_polls() -> None:
     server = ValkeyServer(appendonly="no", save="")
     server.start()
+    connection = Redis.from_url(f"{server.connection_url}/0")
     try:
-        connection = Redis.from_url(f"{server.connection_url}/0")
         assert not Wakeups(connection, ["rq:queue:default"]).enabled
         queue = ClaimingQueue("default", connection=connection)
         thread, got = _wait_for_job(connection, queue)
         job = queue.enqueue(fixtures.pid)
         thread.join(timeout=10)
         assert [taken.id for taken in got] == [job.id]
-        connection.close()
     finally:
+        connection.close()
         server.stop()
