@@ -27,6 +27,7 @@ class Content:
     title: str
     body: str
     payload: dict[str, Any]
+    html: str | None = None
 
 
 def create_notification(request: NotificationRequest, correlation_id: str) -> NotificationAccepted:
@@ -50,7 +51,7 @@ def create_notification(request: NotificationRequest, correlation_id: str) -> No
         content = contents[channel]
         message = Message(
             notifications.new_id(), notification_id, request.user_id, content.title, content.body,
-            targets.get(channel), content.payload, created, correlation_id,
+            targets.get(channel), content.payload, created, correlation_id, content.html,
         )  # fmt: skip
         attempts = _max_attempts(channel)
         status = "scheduled" if due else "pending"
@@ -93,7 +94,7 @@ def _contents(request: NotificationRequest) -> dict[str, Content]:
         return dict.fromkeys(request.channels, plain)
     parts = rendering.render(request.template, request.context)
     return {
-        "email": Content(parts.email_subject, parts.email_body, extra),
+        "email": Content(parts.email_subject, parts.email_body, extra, parts.email_html),
         "in_app": Content(parts.in_app_title, parts.in_app_body, extra),
         "webhook": Content(parts.title, parts.body, {**parts.webhook_payload, **extra}),
     }

@@ -2,8 +2,11 @@
 
 Layout: `templates/<name>/title.txt` and `body.txt` (required), and optional overrides
 `email_subject.txt`, `email_body.txt`, `in_app_title.txt`, `in_app_body.txt` (missing ones fall back to
-the title or body) and `webhook_payload.json` (a Jinja template that must render to a JSON object; every
+the title or body), `email_body.html` (the email's HTML alternative; no fallback: without it the email is
+plain text) and `webhook_payload.json` (a Jinja template that must render to a JSON object; every
 `{{ … }}` in it must go through `|tojson`, so a value can never change the JSON's structure).
+
+Only `.html` parts are autoescaped: text parts keep `<` and `&` as they are, which is right for plain text.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ MAX_PART_BYTES = 100_000
 """Upper bound of each rendered part, in UTF-8 bytes (the same bound as an email body)."""
 REQUIRED_PARTS = ("title.txt", "body.txt")
 PAYLOAD_PART = "webhook_payload.json"
+HTML_PART = "email_body.html"
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,8 @@ class Rendered:
     in_app_title: str
     in_app_body: str
     webhook_payload: dict[str, Any]
+    email_html: str | None = None
+    """The HTML alternative of `email_body`, when the template has `email_body.html`."""
 
 
 def make_environment(folder: Path) -> SandboxedEnvironment:
@@ -49,7 +55,7 @@ def make_environment(folder: Path) -> SandboxedEnvironment:
     return SandboxedEnvironment(
         loader=jinja2.FileSystemLoader(folder),
         undefined=jinja2.StrictUndefined,
-        autoescape=False,
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default_for_string=False, default=False),
         auto_reload=False,
         trim_blocks=True,
         lstrip_blocks=True,
@@ -107,6 +113,7 @@ def render(name: str, context: dict[str, Any], *, folder: Path | None = None) ->
         in_app_title=(part("in_app_title.txt") or title).strip(),
         in_app_body=(part("in_app_body.txt") or body).rstrip(),
         webhook_payload=_parse_payload(name, part(PAYLOAD_PART)),
+        email_html=_stripped(part(HTML_PART)),
     )
 
 
@@ -160,6 +167,10 @@ def _bounded_join(where: str, chunks: Iterable[str]) -> str:
             raise TemplateError(f"{where} rendered to more than {MAX_PART_BYTES} bytes")
         parts.append(chunk)
     return "".join(parts)
+
+
+def _stripped(text: str | None) -> str | None:
+    return None if text is None else text.rstrip()
 
 
 def _single_line(name: str, subject: str) -> str:

@@ -30,7 +30,11 @@ class Settings(BaseSettings):
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
     smtp_from: str = "notifications@localhost"
-    smtp_starttls: bool = False
+    smtp_starttls: bool = Field(False, description="upgrade a plain connection with STARTTLS (usually port 587)")
+    smtp_ssl: bool = Field(False, description="implicit TLS from the first byte, SMTPS (usually port 465)")
+    smtp_ca_file: str | None = Field(
+        None, description="PEM file of the CAs that may sign the SMTP server's certificate; default: the system's"
+    )
     smtp_timeout: float = Field(10.0, gt=0)
 
     retry_max: int = Field(4, ge=0, description="retries after the first attempt")
@@ -101,6 +105,12 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_case_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_way_of_smtp_tls(self) -> Settings:
+        if self.smtp_ssl and self.smtp_starttls:
+            raise ValueError("SMTP_SSL and SMTP_STARTTLS exclude each other: SMTPS is TLS from the start")
+        return self
 
     @model_validator(mode="after")
     def _no_default_secrets_outside_local(self) -> Settings:

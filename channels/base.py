@@ -23,6 +23,8 @@ class Message:
     created_at: str = ""
     """ISO-8601 time the notification was created."""
     correlation_id: str = ""
+    html: str | None = None
+    """Email only: the HTML alternative of `body` (a template's `email_body.html`)."""
 
 
 Channel = Callable[[Message], None]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import pytest
@@ -32,6 +35,7 @@ def test_email_goes_out_over_smtp_and_the_job_finishes(client: TestClient, smtp:
     job_id = client.post("/send-email", json=EMAIL).json()["job_id"]
     [message] = smtp.wait_for(1)
     assert (message["To"], message["Subject"], message.get_content().strip()) == ("ann@example.com", "Hi", "Welcome")
+    assert message["Date"] is not None and message["Auto-Submitted"] == "auto-generated"
     job = _wait_for_status(client, job_id, "finished")
     assert job["result"] == {"to": "ann@example.com", "message_id": message["Message-ID"]}
     assert job["created_at"] <= job["enqueued_at"] <= job["started_at"] <= job["ended_at"]
@@ -77,6 +81,26 @@ def test_permanent_failure_is_not_retried_is_listed_and_can_be_requeued(
     assert _wait_for_status(client, job_id, "finished")["error"] is None
     assert client.get("/jobs/failed").json()["total"] == 0
     assert client.delete(f"/job/{job_id}").status_code == 409
+
+
+def test_a_template_with_an_html_part_sends_text_and_escaped_html_as_alternatives(
+    client: TestClient, smtp: MailSink, worker: object
+) -> None:
+    name = "<script>alert(1)</script> & Co"
+    request = {
+        "user_id": "ann", "channels": ["email"], "email": "ann@example.com",
+        "template": "welcome", "context": {"name": name},
+    }  # fmt: skip
+    assert client.post("/notifications", json=request).status_code == 202
+    [mail] = smtp.wait_for(1)
+    assert mail.get_content_type() == "multipart/alternative"
+    text, html = mail.iter_parts()
+    assert (text.get_content_type(), html.get_content_type()) == ("text/plain", "text/html")
+    assert text.get_content().startswith(f"Hi {name},")
+    assert "<p>Hi &lt;script&gt;alert(1)&lt;/script&gt; &amp; Co,</p>" in html.get_content()
+    assert "<script>" not in html.get_content()
+    assert mail["Subject"] == f"Welcome aboard, {name}"
+    assert mail["Date"] is not None and mail["Auto-Submitted"] == "auto-generated"
 
 
 def test_high_priority_is_served_before_default_and_low(
@@ -141,16 +165,35 @@ def test_a_session_idle_too_long_is_not_reused(smtp: MailSink, monkeypatch: pyte
         email._close_session()
 
 
+@pytest.mark.parametrize("html", [None, "<p>Welcome <b>back</b></p>"])
 @pytest.mark.parametrize("subject", ["Hi", "Grüße aus Köln", "x" * 200])
-def test_a_built_message_is_what_the_email_policy_writes(subject: str) -> None:
+def test_a_built_message_is_what_the_email_policy_writes(subject: str, html: str | None) -> None:
     settings = get_settings()
-    built = email.build_message(settings, "ann@example.com", subject, "Welcome\nback", unique_id="job-1")
+    built = email.build_message(settings, "ann@example.com", subject, "Welcome\nback", unique_id="job-1", html=html)
     expected = EmailMessage()
     for name, value in (("From", settings.smtp_from), ("To", "ann@example.com"), ("Subject", subject)):
         expected[name] = value
+    expected["Date"] = built["Date"]  # its value is checked in the next test
     expected["Message-ID"] = "<job-1@localhost>"
+    expected["Auto-Submitted"] = "auto-generated"
     expected.set_content("Welcome\nback")
-    assert built.as_bytes() == expected.as_bytes()
+    if html is not None:
+        expected.add_alternative(html, subtype="html")
+    written = built.as_bytes()
+    if html is not None:
+        expected.set_boundary(str(built.get_boundary()))  # random, chosen while writing
+    assert written == expected.as_bytes()
+
+
+def test_every_message_is_dated_now_in_utc_and_marked_auto_generated() -> None:
+    before = datetime.now(UTC).replace(microsecond=0)
+    built = email.build_message(get_settings(), "ann@example.com", "Hi", "Welcome")
+    after = datetime.now(UTC)
+    assert built["Date"] is not None, "RFC 5322 3.6: Date is required"
+    date = parsedate_to_datetime(str(built["Date"]))
+    assert before <= date <= after and date.utcoffset() == timedelta(0)
+    assert re.fullmatch(r"\w{3}, \d{2} \w{3} \d{4} \d{2}:\d{2}:\d{2} \+0000", str(built["Date"]))
+    assert built["Auto-Submitted"] == "auto-generated"
 
 
 def test_a_header_with_a_line_break_is_refused() -> None:

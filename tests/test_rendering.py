@@ -31,6 +31,7 @@ def test_welcome_renders_every_part_with_overrides_and_fallbacks() -> None:
     assert out.body.startswith("Hi Ann,")
     assert out.email_subject == "Welcome aboard, Ann"
     assert out.email_body == out.body
+    assert out.email_html is not None and "<p>Hi Ann,</p>" in out.email_html
     assert (out.in_app_title, out.in_app_body) == (out.title, out.body)
     assert out.webhook_payload == {"event": "user.welcome", "name": "Ann"}
 
@@ -71,6 +72,27 @@ def test_text_is_not_html_escaped() -> None:
     out = rendering.render("welcome", {"name": "Tom & <Jerry>"})
     assert out.title == "Welcome, Tom & <Jerry>!"
     assert out.webhook_payload["name"] == "Tom & <Jerry>"
+
+
+def test_the_html_part_is_autoescaped_and_the_text_parts_are_not(tmp_path: Path) -> None:
+    folder = make_template(
+        tmp_path, "page", title_txt="{{ x }}", email_body_txt="{{ x }}", email_body_html="<p>{{ x }}</p>\n\n"
+    )
+    x = "<script>alert('x')</script> & co"
+    out = rendering.render("page", {"x": x}, folder=folder)
+    assert out.email_html == "<p>&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; co</p>"
+    assert (out.title, out.email_body) == (x, x)
+
+
+def test_without_an_html_part_there_is_no_html(tmp_path: Path) -> None:
+    folder = make_template(tmp_path, "plain", email_body_txt="text")
+    assert rendering.render("plain", {}, folder=folder).email_html is None
+
+
+def test_the_sandbox_also_guards_the_html_part(tmp_path: Path) -> None:
+    folder = make_template(tmp_path, "evil", email_body_html="{{ ''.__class__.__mro__ }}")
+    with pytest.raises(TemplateError, match=r"part 'email_body\.html' was refused by the sandbox"):
+        rendering.render("evil", {}, folder=folder)
 
 
 def test_json_payload_encodes_values_that_look_like_json() -> None:
