@@ -59,7 +59,7 @@ def key_matches(given: str | None, keys: Sequence[SecretStr]) -> bool:
 
 
 class ApiKeyMiddleware:
-    """With `API_KEYS` set, every HTTP request and WebSocket outside `is_open` paths needs one of them.
+    """With `API_KEY` or `API_KEYS` set, every HTTP request and WebSocket outside `is_open` paths needs one of them.
 
     HTTP: 401 JSON with `WWW-Authenticate: Bearer`. WebSocket: accepted, then closed with 1008 (a close
     code reaches a browser only after the handshake).
