@@ -48,6 +48,7 @@ from schemas import (
     ID_PATTERN,
     JOB_ID_PATTERN,
     ChannelName,
+    ContactView,
     EmailArgs,
     JobAccepted,
     JobPage,
@@ -341,13 +342,25 @@ def retry_delivery(notification_id: NotificationId, channel: ChannelName) -> Not
     return _found(dispatch.retry_delivery(notification_id, channel), notification_id)
 
 
-@app.put("/users/{user_id}/contact", response_model=UserContact)
-def save_contact(user_id: Annotated[str, Path(pattern=ID_PATTERN)], contact: UserContact) -> UserContact:
-    """Store where a user's email and webhook notifications go when a request names no target."""
+UserId = Annotated[str, Path(pattern=ID_PATTERN)]
+
+
+@app.put("/users/{user_id}/contact", response_model=ContactView)
+def save_contact(user_id: UserId, contact: UserContact) -> ContactView:
+    """Store where a user's email (`to`) and webhook notifications go when a request names no target."""
     if contact.webhook_url:
         dispatch.check_webhook_url(contact.webhook_url)
-    notifications.save_contact(queues.get_redis(), user_id, contact.model_dump(mode="json"))
-    return contact
+    notifications.save_contact(queues.get_redis(), user_id, {"email": contact.to, "webhook_url": contact.webhook_url})
+    return ContactView.of(contact.to, contact.webhook_url)
+
+
+@app.get("/users/{user_id}/contact", response_model=ContactView)
+def get_contact(user_id: UserId) -> ContactView:
+    """The stored contact of a user (404 when none was stored)."""
+    stored = notifications.load_contact(queues.get_redis(), user_id)
+    if not stored:
+        raise HTTPException(404, f"no contact stored for user {user_id!r}")
+    return ContactView.of(stored.get("email"), stored.get("webhook_url"))
 
 
 app.include_router(inbox.router)
