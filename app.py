@@ -16,6 +16,7 @@ from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Respon
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
@@ -64,7 +65,7 @@ from schemas import (
     SendEmailRequest,
     UserContact,
 )
-from security import ApiKeyMiddleware, BodyLimitMiddleware
+from security import DOCS_ASSETS_PATH, OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware
 from settings import get_settings
 
 setup_logging(get_settings().log_level)
@@ -93,11 +94,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await connections.close_async_clients()
 
 
-app = FastAPI(
+app = FastAPIOffline(  # /docs and /redoc with their scripts served from here: no CDN, they work offline
     title="Job and notification service",
     description="Queue emails and registered tasks on RQ; watch them run.",
     responses=ERRORS,
     lifespan=lifespan,
+    static_url=DOCS_ASSETS_PATH,
 )
 app.add_middleware(BodyLimitMiddleware)  # 413 before any route reads the body
 app.add_middleware(ApiKeyMiddleware)  # added last, so it runs first: no key, no body read
@@ -393,3 +395,26 @@ def prometheus_metrics() -> Response:
 
 
 mount_dashboard(app, get_settings())
+
+
+API_KEY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "one of API_KEY / API_KEYS, when set"},
+    "X-API-Key": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "the same key, another header"},
+}
+"""How to send an API key, in the schema: /docs then has an "Authorize" button that sends it on "Try it out"."""
+
+
+def openapi_with_api_keys() -> dict[str, Any]:
+    """FastAPI's schema, plus the API-key schemes (checked by `ApiKeyMiddleware`; routes open without a key
+    say so). Without keys configured, requests without one are accepted all the same."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)  # FastAPI's own, which stores it in `app.openapi_schema`
+        schema.setdefault("components", {})["securitySchemes"] = API_KEY_SCHEMES
+        schema["security"] = [{name: []} for name in API_KEY_SCHEMES]
+        for path in OPEN_PATHS & schema["paths"].keys():
+            for operation in schema["paths"][path].values():
+                operation["security"] = []
+    return app.openapi_schema or {}
+
+
+app.openapi = openapi_with_api_keys  # type: ignore[method-assign]

@@ -105,6 +105,17 @@ class Schedule(BaseModel):
 
 
 class SendEmailRequest(EmailArgs, Schedule):
+    """One email; the example is what "Try it out" in /docs sends (a body built from every field would give
+    both `delay_seconds` and `send_at`, a 422)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={
+            "examples": [{"to": "ann@example.com", "subject": "Welcome", "body": "Thanks for signing up."}]
+        },
+    )
+
     priority: Priority = "default"
 
 
