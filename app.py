@@ -16,6 +16,7 @@ from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Respon
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
@@ -48,6 +49,7 @@ from schemas import (
     ID_PATTERN,
     JOB_ID_PATTERN,
     ChannelName,
+    ContactView,
     EmailArgs,
     JobAccepted,
     JobPage,
@@ -63,7 +65,7 @@ from schemas import (
     SendEmailRequest,
     UserContact,
 )
-from security import ApiKeyMiddleware, BodyLimitMiddleware
+from security import DOCS_ASSETS_PATH, OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware
 from settings import get_settings
 
 setup_logging(get_settings().log_level)
@@ -92,11 +94,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await connections.close_async_clients()
 
 
-app = FastAPI(
+app = FastAPIOffline(  # /docs and /redoc with their scripts served from here: no CDN, they work offline
     title="Job and notification service",
     description="Queue emails and registered tasks on RQ; watch them run.",
     responses=ERRORS,
     lifespan=lifespan,
+    static_url=DOCS_ASSETS_PATH,
 )
 app.add_middleware(BodyLimitMiddleware)  # 413 before any route reads the body
 app.add_middleware(ApiKeyMiddleware)  # added last, so it runs first: no key, no body read
@@ -341,13 +344,25 @@ def retry_delivery(notification_id: NotificationId, channel: ChannelName) -> Not
     return _found(dispatch.retry_delivery(notification_id, channel), notification_id)
 
 
-@app.put("/users/{user_id}/contact", response_model=UserContact)
-def save_contact(user_id: Annotated[str, Path(pattern=ID_PATTERN)], contact: UserContact) -> UserContact:
-    """Store where a user's email and webhook notifications go when a request names no target."""
+UserId = Annotated[str, Path(pattern=ID_PATTERN)]
+
+
+@app.put("/users/{user_id}/contact", response_model=ContactView)
+def save_contact(user_id: UserId, contact: UserContact) -> ContactView:
+    """Store where a user's email (`to`) and webhook notifications go when a request names no target."""
     if contact.webhook_url:
         dispatch.check_webhook_url(contact.webhook_url)
-    notifications.save_contact(queues.get_redis(), user_id, contact.model_dump(mode="json"))
-    return contact
+    notifications.save_contact(queues.get_redis(), user_id, {"email": contact.to, "webhook_url": contact.webhook_url})
+    return ContactView.of(contact.to, contact.webhook_url)
+
+
+@app.get("/users/{user_id}/contact", response_model=ContactView)
+def get_contact(user_id: UserId) -> ContactView:
+    """The stored contact of a user (404 when none was stored)."""
+    stored = notifications.load_contact(queues.get_redis(), user_id)
+    if not stored:
+        raise HTTPException(404, f"no contact stored for user {user_id!r}")
+    return ContactView.of(stored.get("email"), stored.get("webhook_url"))
 
 
 app.include_router(inbox.router)
@@ -380,3 +395,26 @@ def prometheus_metrics() -> Response:
 
 
 mount_dashboard(app, get_settings())
+
+
+API_KEY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer", "description": "one of API_KEY / API_KEYS, when set"},
+    "X-API-Key": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "the same key, another header"},
+}
+"""How to send an API key, in the schema: /docs then has an "Authorize" button that sends it on "Try it out"."""
+
+
+def openapi_with_api_keys() -> dict[str, Any]:
+    """FastAPI's schema, plus the API-key schemes (checked by `ApiKeyMiddleware`; routes open without a key
+    say so). Without keys configured, requests without one are accepted all the same."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)  # FastAPI's own, which stores it in `app.openapi_schema`
+        schema.setdefault("components", {})["securitySchemes"] = API_KEY_SCHEMES
+        schema["security"] = [{name: []} for name in API_KEY_SCHEMES]
+        for path in OPEN_PATHS & schema["paths"].keys():
+            for operation in schema["paths"][path].values():
+                operation["security"] = []
+    return app.openapi_schema or {}
+
+
+app.openapi = openapi_with_api_keys  # type: ignore[method-assign]

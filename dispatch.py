@@ -103,7 +103,7 @@ def _contents(request: NotificationRequest) -> dict[str, Content]:
 def _targets(request: NotificationRequest, contact: dict[str, Any]) -> dict[str, str]:
     targets: dict[str, str] = {}
     if "email" in request.channels:
-        targets["email"] = _required(request.email or contact.get("email"), "email", request.user_id)
+        targets["email"] = _required(request.to or contact.get("email"), "email address (`to`)", request.user_id)
     if "webhook" in request.channels:
         url = _required(request.webhook_url or contact.get("webhook_url"), "webhook_url", request.user_id)
         check_webhook_url(url)

@@ -99,7 +99,11 @@ def start_attempt(connection: Redis, delivery_id: str) -> int:
 
 
 def save_contact(connection: Redis, user_id: str, contact: dict[str, str | None]) -> None:
-    """A user's stored email address and webhook URL, used when a request names none."""
+    """A user's stored email address and webhook URL, used when a request names none.
+
+    The address is stored as `email` (its name before the API called it `to`), so contacts stored
+    by earlier versions are read as they are.
+    """
     connection.hset(f"user:{user_id}", mapping=_encode(contact))
 
 

@@ -37,6 +37,24 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+RECIPIENT_ALIASES = AliasChoices("to", "email")
+"""`to`, as in `POST /send-email`; `email` is its old name in notifications and contacts, still accepted."""
+
+
+def one_recipient(data: Any) -> Any:
+    """`to` and `email` together only when they name the same address; then `to` alone goes on."""
+    if not (isinstance(data, dict) and "to" in data and "email" in data):
+        return data
+    if data["to"] != data["email"]:
+        raise ValueError("to and email name the same recipient (email is its old name): send only to")
+    return {name: value for name, value in data.items() if name != "email"}
+
+
+def recipient_field(description: str) -> Any:
+    """The recipient address field: optional, named `to`, read from `email` too."""
+    return Field(None, validation_alias=RECIPIENT_ALIASES, description=f"{description} (`email` is accepted too)")
+
+
 class EmailArgs(StrictModel):
     """Arguments of the `send_email` task."""
 
@@ -87,6 +105,17 @@ class Schedule(BaseModel):
 
 
 class SendEmailRequest(EmailArgs, Schedule):
+    """One email; the example is what "Try it out" in /docs sends (a body built from every field would give
+    both `delay_seconds` and `send_at`, a 422)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={
+            "examples": [{"to": "ann@example.com", "subject": "Welcome", "body": "Thanks for signing up."}]
+        },
+    )
+
     priority: Priority = "default"
 
 
@@ -165,10 +194,12 @@ class NotificationRequest(StrictModel, Schedule):
     context: dict[str, JsonValue] = Field(default_factory=dict)
     priority: NotificationPriority = "normal"
     expires_at: AwareDatetime | None = None
-    email: EmailStr | None = Field(None, description="recipient; defaults to the user's stored address")
+    to: EmailStr | None = recipient_field("email recipient; defaults to the user's stored address")
     webhook_url: str | None = Field(None, max_length=2048, description="defaults to the user's stored URL")
     source_entity_type: Token | None = None
     source_entity_id: Token | None = None
+
+    _one_recipient = model_validator(mode="before")(one_recipient)
 
     @model_validator(mode="after")
     def _content_and_channels(self) -> NotificationRequest:
@@ -182,8 +213,24 @@ class NotificationRequest(StrictModel, Schedule):
 
 
 class UserContact(StrictModel):
-    email: EmailStr | None = None
+    """Where a user's email and webhook notifications go when a request names no target."""
+
+    to: EmailStr | None = recipient_field("email address")
     webhook_url: str | None = Field(None, max_length=2048)
+
+    _one_recipient = model_validator(mode="before")(one_recipient)
+
+
+class ContactView(BaseModel):
+    """A stored contact; `email` repeats `to` for readers written before the field was renamed."""
+
+    to: EmailStr | None
+    webhook_url: str | None
+    email: EmailStr | None = Field(description="the same as `to`, its old name", json_schema_extra={"deprecated": True})
+
+    @classmethod
+    def of(cls, to: str | None, webhook_url: str | None) -> ContactView:
+        return cls(to=to, webhook_url=webhook_url, email=to)
 
 
 class DeliveryAccepted(BaseModel):

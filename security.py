@@ -19,8 +19,11 @@ from starlette.websockets import WebSocket
 from dashboard import DASHBOARD_PATH
 from settings import get_settings
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 """Served without an API key: probes, metrics and the API docs (which hold no data)."""
+DOCS_ASSETS_PATH = "/docs/assets"
+"""The scripts, styles and icon of /docs and /redoc (from `fastapi-offline`), open like the pages."""
+OPEN_PREFIXES = (f"{DOCS_ASSETS_PATH}/", f"{DASHBOARD_PATH}/")
 WS_POLICY_VIOLATION = 1008
 
 
@@ -33,7 +36,7 @@ def route_path(scope: Scope) -> str:
 
 def is_open(path: str) -> bool:
     """Paths outside the API-key check; the dashboard at `/rq` has Basic auth of its own."""
-    return path in OPEN_PATHS or path == DASHBOARD_PATH or path.startswith(f"{DASHBOARD_PATH}/")
+    return path in OPEN_PATHS or path == DASHBOARD_PATH or path.startswith(OPEN_PREFIXES)
 
 
 def presented_key(scope: Scope) -> str | None:
@@ -59,7 +62,7 @@ def key_matches(given: str | None, keys: Sequence[SecretStr]) -> bool:
 
 
 class ApiKeyMiddleware:
-    """With `API_KEYS` set, every HTTP request and WebSocket outside `is_open` paths needs one of them.
+    """With `API_KEY` or `API_KEYS` set, every HTTP request and WebSocket outside `is_open` paths needs one of them.
 
     HTTP: 401 JSON with `WWW-Authenticate: Bearer`. WebSocket: accepted, then closed with 1008 (a close
     code reaches a browser only after the handshake).

@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     dashboard_password: SecretStr | None = Field(None, description="rq-dashboard at /rq is served only with one")
     dashboard_read_only: bool = Field(False, description="hide rq-dashboard's delete/empty/requeue actions")
 
+    api_key: SecretStr | None = Field(None, description="one API key; with API_KEYS too, any of them is accepted")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="when set, every route but health, metrics, docs and /rq needs one"
     )
@@ -95,6 +96,18 @@ class Settings(BaseSettings):
             return value
         items = json.loads(value) if value.lstrip().startswith("[") else value.split(",")
         return [str(item).strip() for item in items if str(item).strip()]
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _blank_api_key_is_unset(cls, value: object) -> object:
+        return (value.strip() or None) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _api_key_joins_api_keys(self) -> Settings:
+        """`API_KEY` is one more accepted key: everything that reads `api_keys` sees the union."""
+        if self.api_key and self.api_key not in self.api_keys:
+            self.api_keys = [*self.api_keys, self.api_key]
+        return self
 
     @field_validator("webhook_secret", mode="before")
     @classmethod
@@ -119,7 +132,7 @@ class Settings(BaseSettings):
             return self
         password = self.dashboard_password.get_secret_value() if self.dashboard_password else ""
         unset = {
-            "API_KEYS": not self.api_keys,
+            "API_KEYS (or API_KEY)": not self.api_keys,
             "DASHBOARD_PASSWORD": not password,
             "WEBHOOK_SECRET (the default is public)": self.webhook_secret.get_secret_value() == DEFAULT_WEBHOOK_SECRET,
         }

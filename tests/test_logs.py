@@ -93,6 +93,17 @@ def test_log_lines_are_json_with_secrets_redacted(
     assert f"ValueError: bad key {REDACTED} for {REDACTED}" in second["exc_info"]
 
 
+def test_the_single_api_key_is_redacted_too(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], root_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("API_KEY", "solo-key-Wd3Pn8")
+    get_settings.cache_clear()
+    setup_logging("INFO")
+    logging.getLogger("test").warning("refused solo-key-Wd3Pn8")
+    [entry] = parse_lines(capsys.readouterr().err)
+    assert entry["message"] == f"refused {REDACTED}"
+
+
 @pytest.fixture
 def worker_output(secrets: None, redis: Redis, smtp: MailSink, webhooks: Receiver) -> Iterator[Path]:
     """A project worker with the secrets set; its stdout and stderr go to the file yielded."""

@@ -84,7 +84,7 @@ def test_create_and_get_task_answer_as_the_rest_routes(client: TestClient, redis
 def test_trigger_notification_email_is_sent_by_a_real_worker(
     client: TestClient, smtp: MailSink, worker: object
 ) -> None:
-    request = {**NOTE, "channels": ["email"], "email": "ann@example.com"}
+    request = {**NOTE, "channels": ["email"], "to": "ann@example.com"}
     answer = NotificationAccepted.model_validate(run(call("trigger_notification", {"request": request})))
     [delivery] = answer.deliveries
     assert (delivery.channel, delivery.status, len(answer.correlation_id)) == ("email", "pending", 32)
@@ -123,7 +123,7 @@ def test_bad_input_is_a_clear_tool_error_and_writes_nothing(redis: Redis) -> Non
     for request, message in create:
         assert message in tool_error("create_task", {"request": request}), request
     notify = [
-        ({**NOTE, "channels": ["email"]}, "no email in the request and none stored for user 'u42'"),
+        ({**NOTE, "channels": ["email"]}, "no email address (`to`) in the request and none stored for user 'u42'"),
         ({"user_id": "u1", "channels": ["in_app"], "template": "nope"}, "unknown template"),
         ({"user_id": "u1", "channels": ["in_app"], "template": "welcome"}, "name"),
         ({**NOTE, "channels": ["webhook"], "webhook_url": "http://169.254.169.254/x"}, "webhook_url refused"),

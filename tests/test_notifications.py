@@ -175,3 +175,46 @@ def test_template_renders_per_channel_and_stored_contact_is_used(
     assert mail["To"] == "bo@example.com" and "Bo" in mail["Subject"]
     payload = json.loads(webhooks.requests[0].body)["data"]
     assert (payload["event"], payload["name"]) == ("user.welcome", "Bo")
+
+
+# One name for the recipient: `to`, as in POST /send-email; `email` stays accepted as its old name
+
+
+def _email_target(redis: Redis, answer: dict[str, Any]) -> str:
+    [delivery] = [d for d in answer["deliveries"] if d["channel"] == "email"]
+    message = json.loads(redis.hget(f"delivery:{delivery['delivery_id']}", "message"))  # type: ignore[arg-type]
+    target: str = message["target"]
+    return target
+
+
+def test_notifications_take_to_as_send_email_does_and_email_still_works(client: TestClient, redis: Redis) -> None:
+    assert _email_target(redis, _notify(client, channels=["email"], to="ann@example.com")) == "ann@example.com"
+    assert _email_target(redis, _notify(client, channels=["email"], email="bo@example.com")) == "bo@example.com"
+    same = _notify(client, channels=["email"], to="cy@example.com", email="cy@example.com")
+    assert _email_target(redis, same) == "cy@example.com"
+
+
+def test_to_and_a_different_email_are_422_saying_why(client: TestClient, redis: Redis) -> None:
+    body = {**NOTE, "channels": ["email"], "to": "ann@example.com", "email": "bo@example.com"}
+    response = client.post("/notifications", json=body)
+    assert response.status_code == 422
+    assert "to and email" in json.dumps(response.json())
+    assert client.put("/users/u42/contact", json={"to": "a@example.com", "email": "b@example.com"}).status_code == 422
+    assert redis.keys("notification:*") == [] and redis.keys("user:*") == []
+
+
+def test_contact_takes_to_shows_to_and_is_used(client: TestClient, redis: Redis) -> None:
+    saved = client.put("/users/bo/contact", json={"to": "bo@example.com"})
+    assert saved.status_code == 200
+    assert saved.json() == {"to": "bo@example.com", "webhook_url": None, "email": "bo@example.com"}
+    assert client.get("/users/bo/contact").json() == saved.json()
+    assert client.get("/users/nobody/contact").status_code == 404
+    old_name = client.put("/users/cy/contact", json={"email": "cy@example.com"})
+    assert old_name.status_code == 200 and old_name.json()["to"] == "cy@example.com"
+    assert _email_target(redis, _notify(client, user_id="bo", channels=["email"])) == "bo@example.com"
+
+
+def test_openapi_names_the_recipient_to(client: TestClient) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("NotificationRequest", "UserContact"):
+        assert "to" in schemas[name]["properties"] and "email" not in schemas[name]["properties"], name

@@ -392,10 +392,10 @@ def test_production_refuses_a_missing_secret(
 
 
 def test_production_lists_every_missing_secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("API_KEYS", "DASHBOARD_PASSWORD", "WEBHOOK_SECRET"):
+    for name in ("API_KEY", "API_KEYS", "DASHBOARD_PASSWORD", "WEBHOOK_SECRET"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("ENVIRONMENT", "production")
-    with pytest.raises(ValidationError, match="requires API_KEYS, DASHBOARD_PASSWORD, WEBHOOK_SECRET"):
+    with pytest.raises(ValidationError, match=r"requires API_KEYS \(or API_KEY\), DASHBOARD_PASSWORD, WEBHOOK_SECRET"):
         Settings(_env_file=None)
 
 
@@ -410,3 +410,33 @@ def test_run_command_refuses_production_without_keys_and_names_local_mode(
     assert "without API keys; set API_KEYS" in capsys.readouterr().err
     banner = serve.banner(get_settings(), serve.Options(), embedded=False, password="pw")
     assert "  API keys: none (local mode, open on 127.0.0.1)" in banner.splitlines()
+
+
+# API_KEY: one key, as most services name it, next to API_KEYS
+
+
+def test_a_single_api_key_guards_the_api(client: TestClient, monkeypatch: pytest.MonkeyPatch, redis: Redis) -> None:
+    use_settings(monkeypatch, API_KEY=" solo-key ")
+    assert client.post("/send-email", json=EMAIL).status_code == 401
+    assert client.post("/send-email", json=EMAIL, headers={"X-API-Key": "solo-key"}).status_code == 202
+
+
+def test_api_key_and_api_keys_together_accept_each(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, redis: Redis
+) -> None:
+    use_settings(monkeypatch, API_KEY="solo-key", API_KEYS=",".join(KEYS))
+    for key in ("solo-key", *KEYS):
+        assert client.get("/jobs/failed", headers={"Authorization": f"Bearer {key}"}).status_code == 200, key
+    assert client.get("/jobs/failed", headers={"X-API-Key": "other"}).status_code == 401
+
+
+def test_production_accepts_api_key_in_place_of_api_keys(
+    production: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("API_KEYS")
+    monkeypatch.setenv("API_KEY", "the-one-key")
+    settings = Settings(_env_file=None)
+    assert [key.get_secret_value() for key in settings.api_keys] == ["the-one-key"]
+    monkeypatch.setenv("API_KEY", " ")
+    with pytest.raises(ValidationError, match=r"ENVIRONMENT=production requires API_KEYS \(or API_KEY\)"):
+        Settings(_env_file=None)
