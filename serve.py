@@ -2,22 +2,35 @@
 
 Starts Redis (the configured one if it answers, else an embedded Valkey with its data under
 `var/redis`), the local SMTP sink when no SMTP server is configured, the API, the workers and
-the scheduler; interleaves their logs; Ctrl-C stops them all, Redis last.
+the scheduler; interleaves their logs; Ctrl-C, SIGTERM or SIGHUP stops them all, Redis last,
+whatever standard output is (a terminal that closed, a pipe whose reader died with the same
+Ctrl-C, as in `./run.sh | tee run.log`); a second one kills what is left at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import math
 import os
+import queue
 import secrets
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import IO, TextIO
 from urllib.parse import urlsplit
 
-from honcho.manager import Manager
+from honcho.colour import get_colours
+from honcho.printer import Message, Printer
 from pydantic import ValidationError
 from redis import Redis
 from redis.exceptions import RedisError
@@ -27,6 +40,15 @@ from settings import Settings, get_settings
 
 ROOT = Path(__file__).resolve().parent
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+GRACE_SECONDS = 5.0
+"""How long the API, workers, scheduler and sink get to stop after SIGTERM, before SIGKILL (--grace)."""
+REDIS_GRACE_SECONDS = 3.0
+"""Then how long Redis gets to save and exit: with the children's time, a stop within 10 s."""
+KILL_WAIT_SECONDS = 1.0
+"""How long SIGKILLed processes get to vanish, and their last output to arrive, before the stop moves on."""
+SYSTEM = "system"
+PR_SET_CHILD_SUBREAPER = 36
 
 
 class Options(argparse.Namespace):
@@ -34,6 +56,7 @@ class Options(argparse.Namespace):
     port: int = 8000
     mail_port: int = 8025
     var: Path = ROOT / "var"
+    grace: float = GRACE_SECONDS
 
 
 class StartupError(Exception):
@@ -79,7 +102,9 @@ def start_embedded_redis(url: str, settings: Settings, var: Path) -> subprocess.
     command += ["--appendonly", "yes", "--appendfsync", settings.redis_appendfsync]
     command += ["--maxmemory-policy", "noeviction", "--logfile", str(data_dir / "valkey.log")]
     command += ["--notify-keyspace-events", "Kl"]  # idle workers wake on a push (recovery.Wakeups)
-    server = subprocess.Popen(command, start_new_session=True)  # so Ctrl-C reaches it last, from us
+    server = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, start_new_session=True
+    )  # Ctrl-C reaches it last, from us
     deadline = time.monotonic() + 10
     while server.poll() is None and time.monotonic() < deadline:
         if redis_answers(f"redis://127.0.0.1:{port}"):
@@ -168,35 +193,282 @@ def child_environment(settings: Settings, options: Options, password: str) -> di
     return env
 
 
+class Output:
+    """Standard output that a dead reader cannot break: the `tee` of `./run.sh | tee run.log` killed
+    by the same Ctrl-C, a terminal that closed.
+
+    After the first failed write everything is dropped, and the descriptor (stderr's too when it is
+    the same pipe or terminal) is pointed at /dev/null, so that nothing fails on it again, not even
+    the interpreter's last flush: the stop carries on.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> int:
+        self._guarded(lambda: self.stream.write(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._guarded(self.stream.flush)
+
+    def isatty(self) -> bool:
+        return not self.broken and self.stream.isatty()
+
+    def _guarded(self, action: Callable[[], object]) -> None:
+        if self.broken:
+            return
+        try:
+            action()
+        except (OSError, ValueError):
+            self.broken = True
+            silence(self.stream)
+
+
+def silence(stream: TextIO) -> None:
+    """Point `stream`'s descriptor, and stdout's or stderr's when they are the same file, at /dev/null."""
+    with contextlib.suppress(OSError, ValueError):
+        dead = os.fstat(stream.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for descriptor in (1, 2):
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.fstat(descriptor), dead):
+                    os.dup2(devnull, descriptor)
+        os.close(devnull)
+
+
+def children_of(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux, from /proc; elsewhere none are known)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    children = children_of(pid)
+    return children + [grandchild for child in children for grandchild in descendants(child)]
+
+
+def adopt_orphans() -> None:
+    """Have processes orphaned below us (a forking worker's job process whose worker was killed)
+    become our children rather than init's (Linux), so that the stop still finds them."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def send(signum: int, pids: list[int], groups: list[int]) -> None:
+    """`signum` to each of `pids` and to each process group of `groups`, those still there."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signum)
+
+
+@contextlib.contextmanager
+def stop_signals(received: list[int]) -> Iterator[None]:
+    """Record Ctrl-C, SIGTERM and SIGHUP in `received` instead of dying of them; restore after."""
+
+    def record(signum: int, _frame: object) -> None:
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, record) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    reader: threading.Thread
+    announced: bool = False
+
+
+@dataclass
+class Stack:
+    """The run command's processes, their output interleaved on one stream, stopped together.
+
+    Each child runs in a session of its own: a Ctrl-C in the terminal reaches only us, and we stop
+    the children's whole process groups first (SIGTERM, then SIGKILL after a grace time) and Redis
+    last. The stop begins on a stop signal or when any child exits; a stop signal during the stop
+    kills what is left at once.
+    """
+
+    output: Output
+    redis: subprocess.Popen[bytes] | None = None
+    signals: list[int] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
+    lines: queue.Queue[Message] = field(default_factory=queue.Queue)
+    printer: Printer = field(init=False)
+    grace: float = GRACE_SECONDS
+    urgent_after: float = math.inf
+
+    def __post_init__(self) -> None:
+        self.printer = Printer(self.output)
+        self.colours = get_colours()
+
+    def run(self, commands: dict[str, str], env: dict[str, str]) -> int:
+        """Serve until a stop signal or a child's exit, then stop everything; the exit status."""
+        self.printer.width = max(map(len, [SYSTEM, *commands]))
+        try:
+            for name, command in commands.items():
+                if not self.signals:
+                    self.start(name, command, env)
+            self.pump(lambda: bool(self.signals) or self.any_exited())
+            reason, status = self.stop_reason()
+            self.say(reason)
+            self.stop_children()
+            self.drain()
+        finally:
+            self.stop_redis()
+        return status
+
+    def start(self, name: str, command: str, env: dict[str, str]) -> None:
+        pipe, devnull = subprocess.PIPE, subprocess.DEVNULL
+        options = {"cwd": ROOT, "env": env, "stdin": devnull, "stdout": pipe, "stderr": subprocess.STDOUT}
+        process = subprocess.Popen(command, shell=True, start_new_session=True, **options)  # type: ignore[call-overload]
+        assert process.stdout is not None
+        colour = next(self.colours)
+        reader = threading.Thread(target=self.relay, args=(name, colour, process.stdout), daemon=True)
+        reader.start()
+        self.children.append(Child(name, process, reader))
+        self.say(f"{name} started (pid={process.pid})")
+
+    def relay(self, name: str, colour: str, stream: IO[bytes]) -> None:
+        """Queue each line `stream` gives, until every process writing to it is gone."""
+        for line in iter(stream.readline, b""):
+            self.lines.put(Message(type="line", data=line, time=datetime.now(), name=name, colour=colour))
+        stream.close()
+
+    def say(self, text: str) -> None:
+        self.printer.write(Message(type="line", data=text, time=datetime.now(), name=SYSTEM, colour=None))
+
+    def stop_reason(self) -> tuple[str, int]:
+        """What began the stop, and the exit status it gives: 128 + the signal, or the child's."""
+        self.urgent_after = len(self.signals)
+        if self.signals:
+            return f"{signal.Signals(self.signals[0]).name} received, stopping", 128 + self.signals[0]
+        code = next(child.process.returncode for child in self.children if child.process.poll() is not None)
+        return "stopping the others", code if code > 0 else 1
+
+    def urgent(self) -> bool:
+        """A stop signal came after the stop began: kill what is left at once."""
+        return len(self.signals) > self.urgent_after
+
+    def stop_children(self) -> None:
+        send(signal.SIGTERM, [], self.groups())
+        if self.pump(lambda: self.urgent() or self.children_gone(), self.grace) and not self.urgent():
+            return
+        self.say("sending SIGKILL to what is left")
+        self.pump(self.kill_children, KILL_WAIT_SECONDS)
+
+    def kill_children(self) -> bool:
+        """SIGKILL every process below us but Redis; whether none is left."""
+        send(signal.SIGKILL, self.below(), self.groups())
+        return self.children_gone()
+
+    def stop_redis(self) -> None:
+        redis = self.redis
+        if redis is None or redis.poll() is not None:
+            return
+        redis.terminate()
+        if not self.pump(lambda: self.urgent() or redis.poll() is not None, REDIS_GRACE_SECONDS) or self.urgent():
+            redis.kill()
+        redis.wait()
+        self.say(f"redis stopped (rc={redis.returncode})")
+
+    def groups(self) -> list[int]:
+        return [child.process.pid for child in self.children]
+
+    def below(self) -> list[int]:
+        """Every process below us but Redis: the children, theirs, and the orphans we adopted."""
+        redis = self.redis.pid if self.redis else 0
+        for orphan in set(children_of(os.getpid())) - {redis, *self.groups()}:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(orphan, os.WNOHANG)  # reaped once dead, else it would count as left
+        return [pid for pid in descendants(os.getpid()) if pid != redis]
+
+    def any_exited(self) -> bool:
+        self.announce_exits()
+        return any(child.announced for child in self.children)
+
+    def children_gone(self) -> bool:
+        self.announce_exits()
+        return all(child.announced for child in self.children) and not self.below()
+
+    def announce_exits(self) -> None:
+        for child in self.children:
+            if not child.announced and child.process.poll() is not None:
+                child.announced = True
+                self.say(f"{child.name} stopped (rc={child.process.returncode})")
+
+    def pump(self, done: Callable[[], bool], seconds: float = math.inf) -> bool:
+        """Print the children's output until `done()` (True) or until `seconds` have passed (False)."""
+        deadline = time.monotonic() + seconds
+        while not done():
+            if time.monotonic() > deadline:
+                return False
+            self.print_lines(timeout=0.1)
+        self.print_lines(timeout=0)
+        return True
+
+    def drain(self) -> None:
+        """Print what the children wrote last (their pipes close once every writer is gone)."""
+        deadline = time.monotonic() + KILL_WAIT_SECONDS
+        for child in self.children:
+            child.reader.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.print_lines(timeout=0)
+
+    def print_lines(self, timeout: float) -> None:
+        """Print the lines queued, waiting up to `timeout` for the first."""
+        with contextlib.suppress(queue.Empty):
+            self.printer.write(self.lines.get(timeout=timeout) if timeout else self.lines.get_nowait())
+            while True:
+                self.printer.write(self.lines.get_nowait())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the whole service in the foreground.")
     parser.add_argument("--host", default=Options.host, help="API address (default %(default)s)")
     parser.add_argument("--port", type=int, default=Options.port, help="API port (default %(default)s)")
     parser.add_argument("--mail-port", type=int, default=Options.mail_port, help="local SMTP sink port")
     parser.add_argument("--var", type=Path, default=Options.var, help="where embedded Redis and mail keep data")
+    parser.add_argument("--grace", type=float, default=Options.grace, help="seconds to stop, then SIGKILL")
     options = parser.parse_args(argv, namespace=Options())
     try:
         settings = load_settings()
         check_exposure(settings, options)
         password = dashboard_password(settings)
         check_ports(settings, options)
-        embedded = not redis_answers(settings.redis_url)
-        redis = start_embedded_redis(settings.redis_url, settings, options.var) if embedded else None
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(banner(settings, options, embedded, password), flush=True)
-    manager = Manager()
-    env = child_environment(settings, options, password)
-    for name, command in processes(settings, options).items():
-        manager.add_process(name, command, env=env, cwd=str(ROOT))
+    stack = Stack(Output(sys.stdout), grace=options.grace)
+    with stop_signals(stack.signals):
+        return serve(stack, settings, options, password)
+
+
+def serve(stack: Stack, settings: Settings, options: Options, password: str) -> int:
+    """Start Redis if none answers, then the rest; stop it all on a signal (see `Stack`)."""
+    adopt_orphans()
+    embedded = not redis_answers(settings.redis_url)
     try:
-        manager.loop()
-    finally:
-        if redis is not None:
-            redis.terminate()
-            redis.wait(timeout=10)
-    return manager.returncode or 0
+        stack.redis = start_embedded_redis(settings.redis_url, settings, options.var) if embedded else None
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    stack.output.write(banner(settings, options, embedded, password) + "\n")
+    stack.output.flush()
+    return stack.run(processes(settings, options), child_environment(settings, options, password))
 
 
 if __name__ == "__main__":
