@@ -290,6 +290,8 @@ class _LeanBookkeeping(BaseWorker):
     _suspension_checked = float("-inf")
     _beat_ttl = 0
     """The TTL the last heartbeat of this process gave the worker's key; 0: not known."""
+    found_queues_empty = False
+    """Whether the worker stopped because it found its queues empty (the end of a burst)."""
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
         ttl = timeout or self.worker_ttl + 60
@@ -330,6 +332,14 @@ class _LeanBookkeeping(BaseWorker):
     def forget_beat(self) -> None:
         """After a work-horse ran: its heartbeats gave the key a TTL this process did not see."""
         self._beat_ttl = 0
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """RQ's; notes whether it found every queue empty, which ends a burst."""
+        result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        self.found_queues_empty = result is None and timeout is None
+        return result
 
     def check_for_suspension(self, burst: bool) -> None:
         """RQ looks before every job whether `rq suspend` was called; here at most once a second."""
