@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from redis import Redis
 from redis.client import Pipeline, PubSub
 from redis.exceptions import RedisError, ResponseError
-from rq import Queue, SimpleWorker, Worker
+from rq import Queue, SimpleWorker, Worker, worker_registration
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job, JobStatus
@@ -269,8 +269,8 @@ def _prepare_execution(worker: BaseWorker, job: Job, in_process: bool = False) -
         worker.set_state(WorkerStatus.BUSY, pipeline=pipeline)
         job.set_status(JobStatus.STARTED, pipeline=pipeline)
         pipeline.zrem(CLAIMS_KEY, job.id)
-        if in_process:
-            worker.heartbeat(ttl, pipeline=pipeline)
+        if in_process:  # the worker's key lives at least as long as an idle worker's: no beat is due after the job
+            worker.heartbeat(max(ttl, worker.worker_ttl + 60), pipeline=pipeline)
             job.heartbeat(now(), ttl, pipeline=pipeline)
             job.prepare_for_execution(worker.name, pipeline=pipeline)
             pipeline.persist(job.key)
@@ -285,18 +285,61 @@ class _LeanBookkeeping(BaseWorker):
 
     heartbeat_grace = 15
     HEARTBEAT_EVERY_SECONDS = 1.0
-    """A plain heartbeat sooner than this after the last one is skipped: its TTL is tens of seconds."""
+    """A plain heartbeat sooner than this after the last one is skipped, if that one gave the worker's
+    key at least as long a TTL: a skipped one must not leave the key a job's short TTL for an idle wait."""
     _suspension_checked = float("-inf")
+    _beat_ttl = 0
+    """The TTL the last heartbeat of this process gave the worker's key; 0: not known."""
+    found_queues_empty = False
+    """Whether the worker stopped because it found its queues empty (the end of a burst)."""
 
     def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
-        if pipeline is not None or timeout is not None:
-            super().heartbeat(timeout, pipeline)
-        elif (
-            self.last_heartbeat is None or (now() - self.last_heartbeat).total_seconds() >= self.HEARTBEAT_EVERY_SECONDS
-        ):
-            with self.connection.pipeline(transaction=False) as beat:
-                super().heartbeat(None, beat)
-                beat.execute()
+        ttl = timeout or self.worker_ttl + 60
+        if pipeline is None and timeout is None and self._beat_is_fresh(ttl):
+            return
+        if pipeline is not None:
+            super().heartbeat(ttl, pipeline)
+        else:
+            self._beat(ttl)
+        self._beat_ttl = ttl
+
+    def _beat_is_fresh(self, ttl: int) -> bool:
+        """Whether the last heartbeat came under a second ago with at least `ttl`."""
+        if self.last_heartbeat is None or self._beat_ttl < ttl:
+            return False
+        return (now() - self.last_heartbeat).total_seconds() < self.HEARTBEAT_EVERY_SECONDS
+
+    def _beat(self, ttl: int) -> None:
+        """A heartbeat in one round trip; the worker registered again if its key had expired meanwhile
+        (a heartbeat then makes a new hash holding only `last_heartbeat`) or left RQ's worker registry."""
+        with self.connection.pipeline(transaction=False) as beat:
+            super().heartbeat(ttl, beat)
+            beat.hexists(self.key, "birth")
+            beat.sismember(self.redis_workers_keys, self.key)
+            *_, whole, registered = beat.execute()
+        if not (whole and registered):
+            self._register_again(ttl)
+
+    def _register_again(self, ttl: int) -> None:
+        """Write the worker's hash and registry entries again, as a worker's birth does."""
+        log.warning("worker %s: its key had expired or left the registry; registered again", self.name)
+        with self.connection.pipeline() as pipeline:
+            pipeline.hset(self.key, mapping={**self.serialize(), "state": self._state})
+            worker_registration.register(self, pipeline)
+            pipeline.expire(self.key, ttl)
+            pipeline.execute()
+
+    def forget_beat(self) -> None:
+        """After a work-horse ran: its heartbeats gave the key a TTL this process did not see."""
+        self._beat_ttl = 0
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """RQ's; notes whether it found every queue empty, which ends a burst."""
+        result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        self.found_queues_empty = result is None and timeout is None
+        return result
 
     def check_for_suspension(self, burst: bool) -> None:
         """RQ looks before every job whether `rq suspend` was called; here at most once a second."""
@@ -324,6 +367,10 @@ class RecoveringWorker(_LeanBookkeeping, Worker):
 
     def prepare_execution(self, job: Job) -> Execution:
         return _prepare_execution(self, job)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        super().execute_job(job, queue)
+        self.forget_beat()
 
     def clean_registries(self) -> None:
         _clean_registries(self)

@@ -11,6 +11,9 @@ Both have the crash recovery of `recovery.py`: a job whose process is killed is 
 JOB_HEARTBEAT_SECONDS + JOB_HEARTBEAT_GRACE_SECONDS (+ a maintenance or sweep interval) and retried.
 Each runs RQ's built-in scheduler, so retry delays are carried out even where only plain `rq worker`
 processes run beside it.
+
+With `--burst` the pool replaces a recycled (or crashed) process until one finds the queues empty, and
+exits 0 only if every process ended so; 1 if one could not drain them (Redis unavailable, a crash, a stop).
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import logging
 import signal
 import sys
 import time
+from enum import IntEnum
 from multiprocessing.process import BaseProcess
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.worker import BaseWorker
-from rq.worker_pool import ForkProcess, WorkerPool
+from rq.worker_pool import ForkProcess, WorkerData, WorkerPool
 
 import tasks  # noqa: F401  # imported once here, before forking: each process would import it again
 from logs import setup_logging
@@ -61,17 +65,53 @@ def build_worker(connection: Redis | None = None) -> BaseWorker:
     return built
 
 
+class Ending(IntEnum):
+    """How a worker process ended: its exit status, by which a burst pool knows whether to replace it."""
+
+    DRAINED = 0
+    """It found the queues empty (burst)."""
+    UNAVAILABLE = 1
+    """Redis did not answer, or the worker quit on an error: the queues could not be drained."""
+    STOPPED = 2
+    """SIGTERM or SIGINT."""
+    RECYCLED = 3
+    """It ran its share of jobs or memory; a fresh process takes its place."""
+
+
 class Pool(WorkerPool):
-    """RQ's pool of worker processes, each running `serve` (our worker classes and their settings)."""
+    """RQ's pool of worker processes, each running `serve` (our worker classes and their settings).
+
+    RQ's pool replaces no process in burst mode; this one replaces a recycled or crashed one, as the queues
+    may still hold jobs, until each has ended by finding them empty (`drained`).
+    """
+
+    unfinished: tuple[int | None, ...] = ()
+    """Exit statuses of the processes that ended without finding the queues empty or being recycled."""
 
     def get_worker_process(self, name: str, burst: bool, _sleep: float = 0, logging_level: str = "INFO") -> BaseProcess:
         return ForkProcess(target=_serve_in_pool, args=(burst,), name=f"worker {name}")
+
+    def handle_dead_worker(self, worker_data: WorkerData) -> None:
+        super().handle_dead_worker(worker_data)
+        status = worker_data.process.exitcode
+        if not self._burst or status == Ending.DRAINED:
+            return
+        if status != Ending.RECYCLED:
+            log.error("worker process %d ended with status %s before the queues were empty", worker_data.pid, status)
+            self.unfinished += (status,)
+        if status not in (Ending.UNAVAILABLE, Ending.STOPPED) and self.status != self.Status.STOPPED:
+            self.start_worker(burst=True)
+
+    @property
+    def drained(self) -> bool:
+        """After a burst: whether every process ended by finding the queues empty (or was replaced)."""
+        return self.status != self.Status.STOPPED and not self.unfinished
 
 
 def _serve_in_pool(burst: bool) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):  # the pool's own handlers, until the worker sets its
         signal.signal(signum, signal.SIG_DFL)
-    serve(burst)
+    sys.exit(int(serve(burst)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,27 +125,52 @@ def main(argv: list[str] | None = None) -> None:
     pool = Pool(list(QUEUE_NAMES), Redis.from_url(settings.redis_url), num_workers=count)
     log.info("starting %d %s worker process(es)", count, worker_class().__name__)
     pool.start(burst=args.burst, logging_level=settings.log_level)
+    if args.burst and not pool.drained:
+        log.error("burst ended before the queues were empty")
+        sys.exit(1)
 
 
-def serve(burst: bool) -> None:
-    """Run one worker until it is asked to stop, or has run its share of jobs (`recycled`).
+def serve(burst: bool) -> Ending:
+    """Run one worker until it is asked to stop, has run its share of jobs, or (burst) has found the
+    queues empty; how it ended.
 
     RQ's worker waits out a Redis outage while it waits for jobs, but quits when Redis goes away at
     other points of its loop; such a worker is started again here, so workers never need a restart.
+    A burst worker is not: its process ends `UNAVAILABLE`.
     """
     while True:
-        worker = None
-        try:
-            worker = build_worker()
-            worker.work(burst=burst, with_scheduler=True)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            log.warning("redis unavailable (%s)", type(exc).__name__)
-        if burst or _asked_to_stop(worker) or getattr(worker, "recycled", False):
-            return
+        worker = _run_worker(burst)
+        ending = _ending(worker)
+        if ending is not None:
+            return ending
+        if burst:
+            return Ending.UNAVAILABLE
         time.sleep(RESTART_DELAY_SECONDS)
         if _asked_to_stop(worker):  # a signal during the pause
-            return
+            return Ending.STOPPED
         log.warning("worker quit without being asked to; starting it again")
+
+
+def _run_worker(burst: bool) -> BaseWorker | None:
+    """A worker, once it has stopped working; None if it could not be made (Redis unavailable)."""
+    worker = None
+    try:
+        worker = build_worker()
+        worker.work(burst=burst, with_scheduler=True)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        log.warning("redis unavailable (%s)", type(exc).__name__)
+    return worker
+
+
+def _ending(worker: BaseWorker | None) -> Ending | None:
+    """Why `worker` stopped; None if for none of the reasons of `Ending` (Redis went away, an error)."""
+    if _asked_to_stop(worker):
+        return Ending.STOPPED
+    if getattr(worker, "recycled", False):
+        return Ending.RECYCLED
+    if getattr(worker, "found_queues_empty", False):
+        return Ending.DRAINED
+    return None
 
 
 def _asked_to_stop(worker: BaseWorker | None) -> bool:

