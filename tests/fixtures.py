@@ -7,6 +7,7 @@ import time
 
 from rq import get_current_job
 
+import tasks
 from exceptions import PermanentError, TransientError
 
 
@@ -55,3 +56,14 @@ def die_on_first_run() -> int:
     if runs == 1:
         os._exit(70)
     return runs
+
+
+def send_email_then_sleep(seconds: float, to: str, subject: str, body: str) -> dict[str, str]:
+    """`tasks.send_email`, then a count of its returns (`returned:<job id>`) and a sleep: a worker
+    killed in that sleep has had its email accepted by the server, and not finished the job."""
+    job = get_current_job()
+    assert job is not None, "runs as an RQ job"
+    result = tasks.send_email(to, subject, body)
+    job.connection.incr(f"returned:{job.id}")
+    time.sleep(seconds)
+    return result

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import Counter
 
 import pytest
 from redis import Redis
-from rq import Callback, Queue, Worker
+from rq import Callback, Queue, Retry, Worker
 from rq.job import Job, JobStatus
-from rq.registry import StartedJobRegistry
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 import queues
 import recovery
@@ -22,12 +23,21 @@ from tests import fixtures
 from tests.conftest import StartProcess
 from tests.helpers import kill_worker, wait_until
 
+DOCUMENTED_RECOVERY_SECONDS = 25 + 10
+"""README: a killed job goes back within 25 s of the kill, 35 s if its worker died while cleaning registries."""
 FAST_RECOVERY = {
     "JOB_HEARTBEAT_SECONDS": "1",
     "JOB_HEARTBEAT_GRACE_SECONDS": "3",
     "RECOVERY_SWEEP_SECONDS": "1",
     "WORKER_MAINTENANCE_INTERVAL_SECONDS": "1",
 }
+
+
+def _fast_recovery(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Heartbeat every second, abandoned 3 s later, looked for every second (this test and its processes)."""
+    for name, value in FAST_RECOVERY.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
 
 
 def _enqueue_counted(redis: Redis, seconds: float) -> Job:
@@ -48,7 +58,9 @@ def _status_is(job: Job, status: JobStatus) -> bool:
     return job.get_status() == status
 
 
-def test_a_job_of_a_killed_worker_runs_again_within_60_s(redis: Redis, processes: StartProcess, smtp: MailSink) -> None:
+def test_a_job_of_a_killed_worker_runs_again_within_the_documented_time(
+    redis: Redis, processes: StartProcess, smtp: MailSink
+) -> None:
     """Default recovery settings: the scheduler's sweep finds the job once its heartbeat is 15 s late."""
     processes("scheduler.py")
     worker = processes("worker.py", wait_for_workers=1)
@@ -58,13 +70,69 @@ def test_a_job_of_a_killed_worker_runs_again_within_60_s(redis: Redis, processes
     killed = time.monotonic()
     processes("worker.py")
 
-    wait_until(lambda: _status_is(job, JobStatus.FINISHED), timeout=60, interval=0.1, what="the re-run")
+    bound = killed + DOCUMENTED_RECOVERY_SECONDS
+    wait_until(lambda: _runs(redis, job) == 2, timeout=bound - time.monotonic(), interval=0.1, what="the re-run")
     elapsed = time.monotonic() - killed
-    print(f"killed job finished again {elapsed:.1f} s after the kill")
-    assert _runs(redis, job) == 2
+    print(f"killed job started again {elapsed:.1f} s after the kill")
+    assert elapsed >= get_settings().job_heartbeat_grace_seconds, "not taken for abandoned before its grace is over"
+    wait_until(lambda: _status_is(job, JobStatus.FINISHED), what="the re-run to finish")
     job.refresh()
+    assert _runs(redis, job) == 2
     assert job.retries_left == 3 and job.meta["error"]["type"] == "AbandonedJobError"
-    assert elapsed < 60
+
+
+def test_a_killed_job_goes_back_to_the_front_at_once_and_fails_with_no_retries_left(
+    monkeypatch: pytest.MonkeyPatch, redis: Redis, processes: StartProcess
+) -> None:
+    """One retry, whose backoff (60 s) a killed job must not wait; the second kill finds none left."""
+    _fast_recovery(monkeypatch)
+    processes("scheduler.py")  # the only one to sweep while no worker runs
+    queue = Queue("default", connection=redis)
+    killed = queue.enqueue(
+        fixtures.count_runs, 30, retry=Retry(max=1, interval=60), on_failure=Callback(queues.on_job_failure)
+    )
+    worker = processes("worker.py")
+    wait_until(lambda: _runs(redis, killed) == 1, what="the job to start")
+    kill_worker(worker)
+    later = queue.enqueue(fixtures.count_runs, 0)
+
+    wait_until(lambda: _status_is(killed, JobStatus.QUEUED), timeout=15, interval=0.1, what="the killed job requeued")
+    assert queue.job_ids == [killed.id, later.id], "back at the front of its queue"
+    assert ScheduledJobRegistry("default", connection=redis).count == 0, "no backoff"
+    killed.refresh()
+    assert killed.retries_left == 0 and killed.meta["error"]["type"] == "AbandonedJobError"
+
+    worker = processes("worker.py")
+    wait_until(lambda: _runs(redis, killed) == 2, what="the killed job to start again")
+    kill_worker(worker)
+    wait_until(lambda: _status_is(killed, JobStatus.FAILED), timeout=15, interval=0.1, what="the job to fail")
+    killed.refresh()
+    assert killed.meta["error"]["type"] == "AbandonedJobError"
+    assert FailedJobRegistry("default", connection=redis).get_job_ids() == [killed.id]
+    assert _runs(redis, killed) == 2 and queue.job_ids == [later.id]
+
+
+def test_a_rerun_after_a_kill_does_not_send_the_email_again(
+    monkeypatch: pytest.MonkeyPatch, redis: Redis, processes: StartProcess, smtp: MailSink
+) -> None:
+    """The worker dies after the server accepted the email and before the job finished; the re-run
+    finds the job's `sent:` record and sends nothing."""
+    _fast_recovery(monkeypatch)
+    processes("scheduler.py")
+    worker = processes("worker.py")
+    email = {"to": "ann@example.com", "subject": "once", "body": "x"}
+    job = Queue("default", connection=redis).enqueue(
+        fixtures.send_email_then_sleep, 1, **email, retry=queues.retry_policy(get_settings())
+    )
+    wait_until(lambda: redis.get(f"returned:{job.id}") == b"1", what="the email to be sent")
+    kill_worker(worker)
+    processes("worker.py")
+
+    wait_until(lambda: _status_is(job, JobStatus.FINISHED), timeout=20, interval=0.1, what="the re-run")
+    assert redis.get(f"returned:{job.id}") == b"2", "it ran again"
+    assert [mail["Subject"] for mail in smtp.messages] == ["once"], "sent once"
+    [mail] = smtp.messages
+    assert job.return_value() == {"to": "ann@example.com", "message_id": mail["Message-ID"]}
 
 
 def test_a_job_popped_by_a_worker_that_died_before_registering_it_goes_back(
@@ -126,16 +194,13 @@ def test_sigterm_stops_an_idle_worker(redis: Redis, processes: StartProcess) -> 
 
 def test_chaos_loses_no_job(monkeypatch: pytest.MonkeyPatch, smtp: MailSink, redis: Redis) -> None:
     """150 emails, 2 workers, 3 of them SIGKILLed with their horses (recovery sped up for the test)."""
-    for name, value in FAST_RECOVERY.items():
-        monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
-
+    _fast_recovery(monkeypatch)
     report = chaos.run(smtp, jobs=150, workers=2, kill_every=0.7, max_kills=3, max_seconds=50, seed=7)
     print("\n".join(report.lines()))
     assert report.kills == 3
     assert report.lost == []
-    assert report.statuses["finished"] + report.failed == 150
-    assert "no reason recorded" not in report.failures
+    assert report.failures == Counter(), "3 kills cannot use up 4 retries: no job may fail"
+    assert report.statuses["finished"] == 150
     assert report.finished_without_mail == 0
-    assert report.duplicates <= report.kills
+    assert report.duplicates <= report.kills  # the window before the `sent:` record; its guard: test above
     assert all(item.recovered_at is not None for item in report.tracked)

@@ -11,6 +11,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
 from fastapi.testclient import TestClient
 from redis import Redis
 
@@ -50,17 +51,36 @@ def test_every_email_of_a_batch_goes_out(client: TestClient, smtp: MailSink, wor
         _wait_for_status(client, job["job_id"], "finished")
 
 
+def _record_attempts(sink: MailSink, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The time of every message the sink is offered, accepted or refused (`fail_next`)."""
+    times: list[float] = []
+    handle = sink.handle_DATA
+
+    async def recorded(server: SMTP, session: Session, envelope: Envelope) -> str:
+        times.append(time.monotonic())
+        return await handle(server, session, envelope)
+
+    monkeypatch.setattr(sink, "handle_DATA", recorded)  # before any session: aiosmtpd binds hooks per session
+    return times
+
+
 def test_transient_smtp_failures_are_retried_with_backoff_then_succeed(
-    client: TestClient, smtp: MailSink, worker: object
+    client: TestClient, smtp: MailSink, processes: StartProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Backoff 2 s, then 4 s. RQ schedules retries in whole seconds and looks every second, so each gap
+    is its delay less 1 s at most, plus up to 1 s: 1..3 s, then 3..5 s; a constant delay gives two alike."""
+    monkeypatch.setenv("RETRY_BASE_SECONDS", "2")
+    get_settings.cache_clear()
+    attempts = _record_attempts(smtp, monkeypatch)
+    processes("worker.py", wait_for_workers=1)
     smtp.fail_next(2, "451 4.3.0 Mailbox busy")
-    posted = time.monotonic()
     job_id = client.post("/send-email", json=EMAIL).json()["job_id"]
     smtp.wait_for(1, timeout=20)
-    elapsed = time.monotonic() - posted
     job = _wait_for_status(client, job_id, "finished")
     assert job["retries_left"] == 2
-    assert elapsed >= 1 + 2 - 1, "retry delays of 1 s and 2 s (whole-second scheduling may round down)"
+    first, second, third = attempts
+    assert second - first >= 2 - 1 and third - second >= 4 - 1
+    assert third - second > second - first, "the second delay is longer than the first"
 
 
 def test_permanent_failure_is_not_retried_is_listed_and_can_be_requeued(

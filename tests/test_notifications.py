@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
+from rq.job import Job
 
+import idempotency
 from mailsink import MailSink
-from settings import DEFAULT_WEBHOOK_SECRET
+from settings import DEFAULT_WEBHOOK_SECRET, get_settings
 from tests.conftest import StartProcess
 from tests.helpers import wait_until
 from tests.receiver import Receiver, verify_signature
@@ -71,18 +77,34 @@ def test_each_channel_delivers_with_its_own_record(
     assert client.get(answer["status_url"]).json()["priority"] == "urgent"
 
 
+def _job_correlation_id(redis: Redis, answer: dict[str, Any]) -> str:
+    correlation: str = Job.fetch(answer["deliveries"][0]["job_id"], connection=redis).meta["correlation_id"]
+    return correlation
+
+
 def test_correlation_id_is_returned_and_carried_into_the_job(client: TestClient, redis: Redis) -> None:
-    response = client.post("/notifications", json={**NOTE, "channels": ["in_app"]}, headers={"X-Request-ID": "req-123"})
+    body = {**NOTE, "channels": ["in_app"]}
+    response = client.post("/notifications", json=body, headers={"X-Request-ID": "req-123"})
     assert response.headers["X-Request-ID"] == "req-123" and response.json()["correlation_id"] == "req-123"
-    job_id = response.json()["deliveries"][0]["job_id"]
-    assert client.get(f"/job/{job_id}").json()["queue"] == "default"
-    generated = client.post("/notifications", json={**NOTE, "channels": ["in_app"]}).headers["X-Request-ID"]
-    assert len(generated) == 32
+    assert _job_correlation_id(redis, response.json()) == "req-123"
+    for malformed in ("has spaces", "x" * 129, "<script>", "a/b"):
+        replaced = client.post("/notifications", json=body, headers={"X-Request-ID": malformed})
+        generated = replaced.headers["X-Request-ID"]
+        assert re.fullmatch("[0-9a-f]{32}", generated), (malformed, generated)
+        assert replaced.json()["correlation_id"] == _job_correlation_id(redis, replaced.json()) == generated
+    absent = client.post("/notifications", json=body)
+    assert re.fullmatch("[0-9a-f]{32}", absent.headers["X-Request-ID"])
+    assert _job_correlation_id(redis, absent.json()) == absent.headers["X-Request-ID"]
 
 
 def test_transient_webhook_failures_retry_on_schedule_then_succeed(
-    client: TestClient, webhooks: Receiver, worker: object
+    client: TestClient, webhooks: Receiver, processes: StartProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Backoff 2 s, then 4 s. RQ schedules retries in whole seconds and looks every second, so each gap
+    is its delay less 1 s at most, plus up to 1 s: 1..3 s, then 3..5 s; a constant delay gives two alike."""
+    monkeypatch.setenv("RETRY_BASE_SECONDS", "2")
+    get_settings.cache_clear()
+    processes("worker.py", wait_for_workers=1)
     webhooks.fail_next(2, 503)
     answer = _notify(client, channels=["webhook"], webhook_url=webhooks.url)
     retrying = _wait_status(client, answer["notification_id"], "webhook", "retrying")
@@ -91,7 +113,8 @@ def test_transient_webhook_failures_retry_on_schedule_then_succeed(
     delivered = _wait_status(client, answer["notification_id"], "webhook", "delivered")
     assert delivered["attempts"] == 3
     first, second, third = (request.received_at for request in webhooks.wait_for(3))
-    assert second - first >= 1 - 0.5 and third - second >= 2 - 1  # backoff 1 s, 2 s (whole-second schedule)
+    assert second - first >= 2 - 1 and third - second >= 4 - 1
+    assert third - second > second - first, "the second delay is longer than the first"
     assert {request.headers["webhook-id"] for request in webhooks.requests} == {delivered["delivery_id"]}
 
 
@@ -122,13 +145,68 @@ def test_expired_delivery_is_never_sent(client: TestClient, smtp: MailSink, proc
     assert smtp.messages == []
 
 
-def test_cancel_before_sending(client: TestClient, smtp: MailSink, processes: StartProcess) -> None:
-    answer = _notify(client, channels=["email", "in_app"], email="ann@example.com", delay_seconds=60)
-    view = client.delete(answer["status_url"]).json()
+def test_a_canceled_notification_is_never_sent_and_a_delayed_one_is_sent_when_due(
+    client: TestClient, smtp: MailSink, processes: StartProcess
+) -> None:
+    processes("scheduler.py")
+    processes("worker.py", wait_for_workers=1)
+    both = {"channels": ["email", "in_app"], "email": "ann@example.com"}
+    canceled = _notify(client, **both, title="canceled", delay_seconds=1)
+    kept = _notify(client, **both, title="kept", delay_seconds=2)  # due after the canceled one
+    assert {d["status"] for d in kept["deliveries"]} == {"scheduled"}
+    view = client.delete(canceled["status_url"]).json()
     assert {d["status"] for d in view["deliveries"]} == {"canceled"}
-    assert client.get("/jobs/scheduled").json()["total"] == 0
-    assert processes("worker.py", "--burst").wait(timeout=30) == 0
-    assert smtp.messages == []
+    scheduled = client.get("/jobs/scheduled").json()
+    assert {job["id"] for job in scheduled["jobs"]} == {d["job_id"] for d in kept["deliveries"]}
+
+    for channel in ("email", "in_app"):  # the kept one, once due: the canceled one's time has passed
+        delivered = _wait_status(client, kept["notification_id"], channel, "delivered")
+        due = client.get(kept["status_url"]).json()["scheduled_for"]
+        assert delivered["delivered_at"] >= due, "never before its time"
+    assert [mail["Subject"] for mail in smtp.messages] == ["kept"]
+    inbox = client.get("/users/u42/notifications").json()
+    assert [item["id"] for item in inbox["items"]] == [kept["notification_id"]]
+    assert {d["status"] for d in client.get(canceled["status_url"]).json()["deliveries"]} == {"canceled"}
+
+
+def test_priority_picks_the_queue_and_each_channel_has_its_attempts(
+    client: TestClient, redis: Redis, webhooks: Receiver
+) -> None:
+    """README: urgent and high -> high, normal (the default) -> default, low -> low; email and webhook
+    5 attempts, in-app 1."""
+    targets = {"channels": ["email", "webhook", "in_app"], "email": "ann@example.com", "webhook_url": webhooks.url}
+    expected = {"urgent": "high", "high": "high", "normal": "default", "low": "low", None: "default"}
+    for priority, queue in expected.items():
+        answer = _notify(client, **targets, **({"priority": priority} if priority else {}))
+        deliveries = client.get(answer["status_url"]).json()["deliveries"]
+        attempts = {d["channel"]: d["max_attempts"] for d in deliveries}
+        assert attempts == {"email": 5, "webhook": 5, "in_app": 1}
+        for delivery in deliveries:
+            job = client.get(f"/job/{delivery['job_id']}").json()
+            assert job["queue"] == queue, (priority, delivery["channel"])
+            assert (job["retries_left"] or 0) == attempts[delivery["channel"]] - 1, (priority, delivery["channel"])
+
+
+def test_a_manual_retry_gets_a_fresh_attempt_budget(
+    client: TestClient, webhooks: Receiver, processes: StartProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WEBHOOK_MAX_ATTEMPTS", "2")
+    get_settings.cache_clear()
+    processes("worker.py", wait_for_workers=1)
+    webhooks.fail_next(3, 503)  # both attempts of the budget, then the first of the fresh one
+    answer = _notify(client, channels=["webhook"], webhook_url=webhooks.url)
+    notification_id = answer["notification_id"]
+    failed = _wait_status(client, notification_id, "webhook", "failed")
+    assert (failed["attempts"], failed["max_attempts"], failed["error_category"]) == (2, 2, "transient")
+    wait_until(lambda: client.get(f"/job/{failed['job_id']}").json()["status"] == "failed", what="job failed")
+
+    retried = client.post(f"/notifications/{notification_id}/deliveries/webhook/retry")
+    assert retried.status_code == 202
+    [delivery] = retried.json()["deliveries"]
+    assert (delivery["status"], delivery["attempts"]) == ("pending", 0)
+    delivered = _wait_status(client, notification_id, "webhook", "delivered")
+    assert delivered["attempts"] == 2, "failed once more, then delivered on its second fresh attempt"
+    assert len(webhooks.wait_for(4)) == 4
 
 
 def test_idempotency_key_returns_the_first_answer_and_refuses_another_body(client: TestClient, redis: Redis) -> None:
@@ -143,6 +221,38 @@ def test_idempotency_key_returns_the_first_answer_and_refuses_another_body(clien
     mail = {"to": "ann@example.com", "subject": "Hi", "body": "x"}
     sent = [client.post("/send-email", json=mail, headers=headers).json() for _ in range(2)]
     assert sent[0] == sent[1] and len(redis.lrange("rq:queue:default", 0, -1)) == 2  # 1 notification + 1 mail
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/notifications", {**NOTE, "channels": ["in_app"]}),
+        ("/send-email", {"to": "ann@example.com", "subject": "Hi", "body": "x"}),
+    ],
+)
+def test_two_simultaneous_requests_with_one_key_create_one_job(
+    client: TestClient, redis: Redis, monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, Any]
+) -> None:
+    """Both requests are held until both are about to claim the key, then race for it."""
+    both_claiming = threading.Barrier(2, timeout=5)
+    claim = idempotency.claim
+
+    def claim_together(*args: Any) -> dict[str, Any] | None:
+        both_claiming.wait()
+        return claim(*args)
+
+    monkeypatch.setattr(idempotency, "claim", claim_together)
+    headers = {"Idempotency-Key": "order-17-concurrent"}
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(pool.map(lambda _: client.post(path, json=body, headers=headers), range(2)))
+
+    assert len(redis.keys("rq:job:*")) == 1
+    codes = sorted(response.status_code for response in responses)
+    assert codes in ([202, 202], [202, 409]), [response.text for response in responses]
+    if codes == [202, 202]:  # the first had answered when the second read the key
+        assert responses[0].json() == responses[1].json()
+    else:
+        assert "still being processed" in next(r for r in responses if r.status_code == 409).json()["detail"]
 
 
 def test_request_errors_are_422_before_anything_is_written(client: TestClient, redis: Redis) -> None:

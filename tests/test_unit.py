@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
 import random
+import time
 from collections.abc import Callable
 
 import fakeredis
 import pytest
+import rq.registry
 from pydantic import ValidationError
 from rq import Callback, Queue, SimpleWorker, Worker
 from rq.job import JobStatus
 
+import mailsink
 import queues
 import worker
 from exceptions import UnknownTaskError
@@ -99,17 +103,47 @@ def test_transient_error_is_scheduled_for_retry(fake_redis: fakeredis.FakeRedis)
     assert view.error is not None and view.error.type == "TransientError"
 
 
-def test_failed_jobs_are_listed_newest_first_across_queues(fake_redis: fakeredis.FakeRedis) -> None:
+def test_failed_jobs_are_listed_newest_first_across_queues(
+    fake_redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs fail one after another, seconds apart (RQ scores its failed registry in whole seconds)."""
+    clock = itertools.count(int(time.time()))  # each reading a second later
+    monkeypatch.setattr(rq.registry, "current_timestamp", lambda: next(clock))
     ids: list[str] = []
-    for name in ("low", "high", "default"):
-        job = Queue(name, connection=fake_redis).enqueue(fixtures.fail_permanently, failure_ttl=1000 + len(ids))
-        ids.append(job.id)
-    SimpleWorker(["high", "default", "low"], connection=fake_redis).work(burst=True)
+    for name in ("low", "high", "default"):  # oldest failure first
+        ids.append(Queue(name, connection=fake_redis).enqueue(fixtures.fail_permanently).id)
+        SimpleWorker([name], connection=fake_redis).work(burst=True)
     total, jobs = queues.failed_jobs(None, 0, 2)
     assert total == 3 and [job.id for job in jobs] == [ids[2], ids[1]]
     total, jobs = queues.failed_jobs(None, 2, 2)
     assert [job.id for job in jobs] == [ids[0]]
     assert queues.failed_jobs("low", 0, 10)[0] == 1
+
+
+def test_smtp_unreachable_is_retried_and_no_smtp_host_fails_at_once(
+    fake_redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A closed port (connection refused) may open again: transient. No server configured: permanent."""
+    arguments = {"to": "ann@example.com", "subject": "Hi", "body": "x"}
+    monkeypatch.setenv("SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("SMTP_PORT", str(mailsink.free_port()))  # nothing listens there
+    get_settings.cache_clear()
+    unreachable = queues.enqueue_task("send_email", arguments)
+    SimpleWorker(["default"], connection=fake_redis).work(burst=True)
+    view = queues.job_view(queues.fetch_job(unreachable.id))
+    assert (view.status, view.retries_left) == ("scheduled", 3)
+    assert view.error is not None and view.error.type == "TransientError" and "unreachable" in view.error.message
+
+    monkeypatch.delenv("SMTP_HOST")
+    get_settings.cache_clear()
+    unconfigured = queues.enqueue_task("send_email", arguments)
+    SimpleWorker(["default"], connection=fake_redis).work(burst=True)
+    view = queues.job_view(queues.fetch_job(unconfigured.id))
+    assert (view.status, view.retries_left) == ("failed", 0)
+    assert view.error is not None and (view.error.type, view.error.message) == (
+        "PermanentError",
+        "SMTP_HOST is not configured",
+    )
 
 
 def test_worker_class_is_simple_on_windows_and_by_default_and_forking_on_request() -> None:
