@@ -7,6 +7,7 @@ as an `.eml` file. Tests use `MailSink` directly, and can make it refuse the nex
 from __future__ import annotations
 
 import argparse
+import asyncio
 import signal
 import socket
 import threading
@@ -29,6 +30,8 @@ class MailSink:
         """The client address of each message's SMTP session, in order."""
         self.maildir = maildir
         self.echo = echo
+        self.delay_seconds = 0.0
+        """How long each message is held before it is answered, as a slow server would."""
         self._replies: deque[str] = deque()
         self._received = threading.Condition()
 
@@ -36,6 +39,8 @@ class MailSink:
         self._replies.extend([reply] * count)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.delay_seconds:
+            await asyncio.sleep(self.delay_seconds)
         if self._replies:
             return self._replies.popleft()
         raw = envelope.original_content or b""
