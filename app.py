@@ -44,7 +44,7 @@ from exceptions import (
     TemplateError,
     UnknownTaskError,
 )
-from logs import setup_logging
+from logs import setup_logging_from
 from schemas import (
     ID_PATTERN,
     JOB_ID_PATTERN,
@@ -68,7 +68,7 @@ from schemas import (
 from security import DOCS_ASSETS_PATH, OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware
 from settings import get_settings
 
-setup_logging(get_settings().log_level)
+setup_logging_from(get_settings())
 log = logging.getLogger("app")
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (400, 404, 409, 413, 422, 503)}

@@ -1,9 +1,12 @@
-"""Structured logs: one JSON object per line on stderr, with the running job's context and no secrets.
+"""Logs on stderr, for people (`console`) or for machines (`json`), with the job's context and no secrets.
 
-`setup_logging(level)` is called by every entry point (the API at import, `worker.py`, `scheduler.py`).
-Each line has `ts`, `level`, `logger` and `message`, plus those of `EXTRA_FIELDS` that are known: in a
-work-horse the current job's id, task, queue, attempt and correlation id; in a delivery's log lines its
-delivery id, channel and outcome. Secret values from the settings are replaced by `[REDACTED]`.
+Every entry point sets them up through `setup_logging_from(settings)`: the API at import (and uvicorn's
+supervisor through `--log-config uvicorn_logging.json`), `worker.py`, `scheduler.py`. Every record of the
+process goes through one handler, RQ's and uvicorn's own too. `LOG_FORMAT=json` writes one object per line
+with `ts`, `level`, `logger` and `message`; `LOG_FORMAT=console` writes the time, level, process id, logger
+and message. Both add those of `EXTRA_FIELDS` that are known: in a work-horse the current job's id, task,
+queue, attempt and correlation id; in a delivery's log lines its delivery id, channel and outcome. Secret
+values from the settings are replaced by `[REDACTED]`. RQ's periodic registry cleaning is logged at DEBUG.
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ import threading
 import traceback
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr
-from rq import get_current_job
-from rq.job import Job
 
 from settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from rq.job import Job
 
 EXTRA_FIELDS = ("job_id", "task", "queue", "attempt", "delivery_id", "correlation_id", "channel", "outcome", "error")
 REDACTED = "[REDACTED]"
@@ -31,6 +35,17 @@ SECRET_NAME = re.compile(r"password|secret|token|(^|_)keys?$")
 """Plain `str` settings with such names are secrets too (`SecretStr` ones always are)."""
 THIRD_PARTY_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 """Loggers that come with handlers of their own: they are sent through ours instead."""
+HANDLER_NAME = "service"
+"""Our handler's name, also its key in `uvicorn_logging.json`: set up again, it replaces the one before."""
+MAINTENANCE = re.compile(r"cleaning (group )?registries", re.IGNORECASE)
+"""RQ's worker logs each registry-cleaning pass (every maintenance interval) at INFO."""
+ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")
+"""RQ colours queue names and job ids when stdout is a terminal."""
+LogFormat = Literal["console", "json"]
+
+
+def known_fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {name: value for name in EXTRA_FIELDS if (value := getattr(record, name, None)) is not None}
 
 
 class JsonFormatter(logging.Formatter):
@@ -39,9 +54,9 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": ANSI_COLOR.sub("", record.getMessage()),
         }
-        entry |= {name: getattr(record, name) for name in EXTRA_FIELDS if getattr(record, name, None) is not None}
+        entry |= known_fields(record)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -49,6 +64,28 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack_info"] = record.stack_info
         return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """`12:00:01.234 INFO    4242 rq.worker: message job_id=... queue=default`, then any traceback."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s.%(msecs)03d %(levelname)-7s %(process)d %(name)s: %(message)s", "%H:%M:%S")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The fields end the message's first line (RQ logs a failed job's traceback in its message)."""
+        first, newline, rest = super().formatMessage(record).partition("\n")
+        fields = "".join(f" {name}={_logfmt(value)}" for name, value in known_fields(record).items())
+        return first + fields + newline + rest
+
+
+def _logfmt(value: object) -> str:
+    """A value as is, or quoted when it is empty or holds a space, a quote or an equals sign."""
+    text = str(value)
+    return text if text and not re.search(r'[\s"=]', text) else json.dumps(text, ensure_ascii=False)
+
+
+FORMATTERS: dict[LogFormat, type[logging.Formatter]] = {"console": ConsoleFormatter, "json": JsonFormatter}
 
 
 def job_fields(job: Job) -> dict[str, Any]:
@@ -68,7 +105,8 @@ class JobContext(logging.Filter):
     """Adds the current RQ job's fields (in a work-horse, while the job runs) to each record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        job = get_current_job()
+        rq = sys.modules.get("rq")  # not loaded, no job: uvicorn's supervisor logs without loading RQ (9 MiB)
+        job = rq.get_current_job() if rq is not None else None
         if job is not None:
             for name, value in job_fields(job).items():
                 if getattr(record, name, None) is None:
@@ -147,6 +185,18 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class MaintenanceAtDebug(logging.Filter):
+    """Lowers RQ's periodic registry-cleaning lines to DEBUG (a logger filter: it runs before the handler's level)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and MAINTENANCE.search(str(record.msg)):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+MAINTENANCE_AT_DEBUG = MaintenanceAtDebug()
+
+
 class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever `sys.stderr` is at the time (tools and tests replace it)."""
 
@@ -155,19 +205,37 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
-def setup_logging(level: str | int = "INFO") -> logging.Handler:
-    """Send every log record of the process, at `level` or above, as JSON lines to stderr."""
+def log_format_for(settings: Settings) -> LogFormat:
+    """`LOG_FORMAT` if set; otherwise console for a person (stderr a terminal, or local use), else JSON."""
+    if settings.log_format != "auto":
+        return settings.log_format
+    on_terminal = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return "console" if on_terminal or settings.environment == "local" else "json"
+
+
+def setup_logging_from(settings: Settings) -> logging.Handler:
+    return setup_logging(settings.log_level, log_format_for(settings))
+
+
+def uvicorn_handler() -> logging.Handler:
+    """For uvicorn's `--log-config uvicorn_logging.json`: its supervisor imports no app, so it is set up here."""
+    return setup_logging_from(get_settings())
+
+
+def setup_logging(level: str | int = "INFO", log_format: LogFormat = "json") -> logging.Handler:
+    """Send every log record of the process, at `level` or above, to stderr in `log_format`."""
     handler = StderrHandler()
     handler.setLevel(level)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(FORMATTERS[log_format]())
     handler.addFilter(JobContext())
     handler.addFilter(RedactSecrets())
-    handler.set_name("json")
+    handler.set_name(HANDLER_NAME)
     root = logging.getLogger()
-    for old in [old for old in root.handlers if old.get_name() == "json"]:
+    for old in [old for old in root.handlers if old.get_name() == HANDLER_NAME]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    logging.getLogger("rq.worker").addFilter(MAINTENANCE_AT_DEBUG)
     for name in THIRD_PARTY_LOGGERS:
         logger = logging.getLogger(name)
         if logger.handlers:  # one uvicorn turned off (`--no-access-log`) has none: it stays off

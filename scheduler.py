@@ -24,7 +24,7 @@ from rq.scheduler import RQScheduler
 from rq_scheduler import Scheduler
 
 import recovery
-from logs import setup_logging
+from logs import setup_logging_from
 from settings import QUEUE_NAMES, get_settings
 
 log = logging.getLogger("scheduler")
@@ -92,7 +92,7 @@ class SchedulerLoop:
 
 def main() -> None:
     settings = get_settings()
-    setup_logging(settings.log_level)
+    setup_logging_from(settings)
     loop = SchedulerLoop(
         Redis.from_url(settings.redis_url), settings.scheduler_interval_seconds, settings.recovery_sweep_seconds
     )

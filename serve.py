@@ -117,6 +117,7 @@ def start_embedded_redis(url: str, settings: Settings, var: Path) -> subprocess.
 def processes(settings: Settings, options: Options) -> dict[str, str]:
     python = f"exec {sys.executable}"
     commands = {"api": f"{python} -m uvicorn app:app --host {options.host} --port {options.port} --no-access-log"}
+    commands["api"] += " --log-config uvicorn_logging.json"  # uvicorn's supervisor logs through logs.py too
     commands["api"] += f" --workers {settings.api_workers}" if settings.api_workers > 1 else ""
     commands["worker"] = f"{python} worker.py"  # a pool of WORKER_COUNT processes
     commands["scheduler"] = f"{python} scheduler.py"

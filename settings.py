@@ -20,6 +20,9 @@ class Settings(BaseSettings):
 
     environment: Literal["local", "production"] = "local"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["auto", "console", "json"] = Field(
+        "auto", description="auto: console when stderr is a terminal or ENVIRONMENT=local, else json"
+    )
 
     redis_url: str = "redis://localhost:6379/0"
     redis_socket_timeout: float = Field(0.5, gt=0, description="seconds; bounds every API call to Redis")
@@ -118,6 +121,12 @@ class Settings(BaseSettings):
     @classmethod
     def _upper_case_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_case_format(cls, value: object) -> object:
+        """`LOG_FORMAT=JSON` is json; a blank `LOG_FORMAT=` is unset (auto)."""
+        return (value.strip().lower() or "auto") if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _one_way_of_smtp_tls(self) -> Settings:

@@ -33,7 +33,7 @@ from rq.worker import BaseWorker
 from rq.worker_pool import ForkProcess, WorkerData, WorkerPool
 
 import tasks  # noqa: F401  # imported once here, before forking: each process would import it again
-from logs import setup_logging
+from logs import setup_logging_from
 from recovery import RecoveringSimpleWorker, RecoveringWorker
 from settings import QUEUE_NAMES, get_settings
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--processes", type=int, help="worker processes (default WORKER_COUNT)")
     args = parser.parse_args(argv)
     settings = get_settings()
-    setup_logging(settings.log_level)
+    setup_logging_from(settings)
     count = args.processes or settings.worker_count
     pool = Pool(list(QUEUE_NAMES), Redis.from_url(settings.redis_url), num_workers=count)
     log.info("starting %d %s worker process(es)", count, worker_class().__name__)
