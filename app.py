@@ -26,6 +26,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import connections
+import cron
 import dispatch
 import idempotency
 import inbox
@@ -59,6 +60,7 @@ from schemas import (
     NotificationAccepted,
     NotificationRequest,
     NotificationView,
+    PeriodicJobList,
     Priority,
     Problem,
     SendEmailBatch,
@@ -289,6 +291,12 @@ def list_scheduled_jobs(
     """Jobs waiting for their time, soonest first: delayed jobs and retries waiting out their backoff."""
     total, jobs = queues.scheduled_jobs(offset, limit)
     return JobPage(total=total, offset=offset, limit=limit, jobs=[queues.job_view(job) for job in jobs])
+
+
+@app.get("/jobs/periodic", response_model=PeriodicJobList)
+def list_periodic_jobs() -> PeriodicJobList:
+    """Each periodic job (declared in `cron.py`) with its schedule, its last run and its next run."""
+    return cron.periodic_jobs(queues.get_redis())
 
 
 @app.get("/job/{job_id}", response_model=JobView)

@@ -1,10 +1,12 @@
 """Scheduler entry point: `python scheduler.py` moves due jobs onto their queues, every second.
 
-One loop runs two schedulers:
+One loop runs three schedulers:
 - rq-scheduler, for delayed jobs (`delay_seconds` / `send_at`), with its lock so that only one
   of several scheduler processes moves jobs at a time;
 - RQ's own scheduler, for the delays of RQ's `Retry`, so retries move on even where only plain
-  `rq worker` processes (without `--with-scheduler`) run. It holds a lock per queue.
+  `rq worker` processes (without `--with-scheduler`) run. It holds a lock per queue;
+- RQ's cron scheduler, for the periodic jobs of `cron.py`, each run claimed once in Redis
+  (`ExactlyOnceCronScheduler`), so that any number of scheduler processes enqueue each run once.
 
 Every `RECOVERY_SWEEP_SECONDS` it also runs `recovery.sweep`, so that the jobs of killed workers are
 retried (or failed) even while no worker is alive to run RQ's registry maintenance.
@@ -12,20 +14,29 @@ retried (or failed) even while no worker is alive to run RQ's registry maintenan
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import signal
 import time
+from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq.cron import CronJob, CronScheduler
+from rq.exceptions import SchedulerNotFound
 from rq.scheduler import RQScheduler
+from rq.utils import now
 from rq_scheduler import Scheduler
 
+import cron
 import recovery
 from logs import setup_logging_from
-from settings import QUEUE_NAMES, get_settings
+from settings import QUEUE_NAMES, Settings, get_settings
+from tasks import TASKS
 
 log = logging.getLogger("scheduler")
 
@@ -37,14 +48,84 @@ class DelayedJobScheduler(Scheduler):  # type: ignore[misc]
         return self.get_jobs(time.time(), with_times=with_times)
 
 
+class ExactlyOnceCronScheduler(CronScheduler):
+    """RQ's cron scheduler (written for rq 3.0.0), changed in one method: `enqueue_jobs`.
+
+    RQ's own enqueues every job that is due in this process, so two processes enqueue each run twice.
+    Here a job that is due first claims its run in Redis, `SET NX EX` on a key named by the job and the
+    time the run was due, and only the process that set the key enqueues; the others step on to the
+    next run. Other changes follow from it: a job that fell behind (Redis away) runs once, for its
+    latest due time, not once per missed time; and interval runs fall on the interval's grid since the
+    epoch (`cron.last_interval_run`) rather than counting from each process's start. RQ's
+    `latest_enqueue_time` of a job holds the due time of its last run, not the time it was enqueued.
+    The key is set just before the enqueue and deleted if the enqueue fails: a process killed between
+    the two loses that one run (at most once, never twice).
+    """
+
+    def enqueue_jobs(self) -> list[CronJob]:
+        current, enqueued = now(), list[CronJob]()
+        for job in self.get_jobs():
+            if job.should_run():
+                due = cron.latest_due(job, current)
+                if self.claim_run(job, due):
+                    self.enqueue_run(job, due)
+                    enqueued.append(job)
+                job.set_enqueue_time(due)
+        return enqueued
+
+    def claim_run(self, job: CronJob, due: datetime) -> bool:
+        """Whether this process is the one to enqueue `job`'s run due at `due`."""
+        period = (cron.next_run_after(job.cron, job.interval, due) - due).total_seconds()
+        expiry = math.ceil(2 * period) + 60  # outlives the run's turn in every process, clock skew too
+        return bool(self.connection.set(run_key(job.name, due), self.name, nx=True, ex=expiry))
+
+    def enqueue_run(self, job: CronJob, due: datetime) -> None:
+        """RQ's enqueue (the job, its cron history), with the due time in the job's meta as `run_at`."""
+        job.job_options["meta"] = {**job.job_options.get("meta", {}), "run_at": due.isoformat()}
+        try:
+            job.enqueue(self.connection)
+        except Exception:
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+                self.connection.delete(run_key(job.name, due))  # so that another process may enqueue it
+            raise
+        log.info("periodic job enqueued", extra={"periodic_job": job.name, "run_at": due.isoformat()})
+
+
+def run_key(name: str, due: datetime) -> str:
+    """The key that claims the run of periodic job `name` due at `due`."""
+    return f"periodic:run:{name}:{due.isoformat()}"
+
+
+def periodic_scheduler(connection: Redis, settings: Settings, jobs: Iterable[cron.PeriodicJob]) -> CronScheduler:
+    """RQ's cron scheduler (exactly once per run) with each declared job, on its priority's queue."""
+    scheduler = ExactlyOnceCronScheduler(connection=connection)
+    for job in jobs:
+        scheduler.register(
+            TASKS[job.task].func,
+            queue_name=job.priority,
+            kwargs=dict(job.args),
+            interval=job.interval,
+            cron=job.cron,
+            job_timeout=settings.job_timeout_seconds,
+            result_ttl=settings.result_ttl_seconds,
+            failure_ttl=settings.failure_ttl_seconds,
+            meta={"task": job.task, "periodic_job": job.name},
+            name=job.name,
+        )
+    return scheduler
+
+
 class SchedulerLoop:
-    def __init__(self, connection: Redis, interval: float, sweep_every: float = 5.0) -> None:
+    def __init__(
+        self, connection: Redis, interval: float, sweep_every: float = 5.0, periodic: CronScheduler | None = None
+    ) -> None:
         self.connection = connection
         self.interval = interval
         self.sweep_every = sweep_every
         self.next_sweep = 0.0
         self.delayed = DelayedJobScheduler(connection=connection, interval=interval)
         self.retries = RQScheduler(list(QUEUE_NAMES), connection=connection, interval=max(1, round(interval)))
+        self.periodic = periodic or ExactlyOnceCronScheduler(connection=connection)
         self.stopping = False
 
     def tick(self) -> None:
@@ -58,6 +139,9 @@ class SchedulerLoop:
         self.retries.heartbeat()
         self.retries.enqueue_scheduled_jobs()
         self.delayed.heartbeat()
+        if self.periodic.enqueue_jobs():
+            self.periodic.save()  # the last and next run times, for RQ's monitoring
+        self.periodic.heartbeat()
         if time.monotonic() >= self.next_sweep:
             self.next_sweep = time.monotonic() + self.sweep_every
             self.sweep()
@@ -74,6 +158,7 @@ class SchedulerLoop:
     def run(self) -> None:
         self.delayed.register_birth()
         self.retries.register_birth()
+        self.periodic.register_birth()
         try:
             while not self.stopping:
                 started = time.monotonic()
@@ -85,6 +170,8 @@ class SchedulerLoop:
         finally:
             self.retries.stop()
             self.delayed.register_death()
+            with contextlib.suppress(SchedulerNotFound):  # its registry entry was cleaned up meanwhile
+                self.periodic.register_death()
 
     def stop(self, *_: object) -> None:
         self.stopping = True
@@ -93,12 +180,16 @@ class SchedulerLoop:
 def main() -> None:
     settings = get_settings()
     setup_logging_from(settings)
-    loop = SchedulerLoop(
-        Redis.from_url(settings.redis_url), settings.scheduler_interval_seconds, settings.recovery_sweep_seconds
-    )
+    connection = Redis.from_url(settings.redis_url)
+    periodic = periodic_scheduler(connection, settings, cron.PERIODIC_JOBS.values())
+    loop = SchedulerLoop(connection, settings.scheduler_interval_seconds, settings.recovery_sweep_seconds, periodic)
     signal.signal(signal.SIGTERM, loop.stop)
     signal.signal(signal.SIGINT, loop.stop)
-    log.info("scheduler started: delayed jobs and retry delays, every %.1f s", loop.interval)
+    log.info(
+        "scheduler started: delayed jobs, retry delays and %d periodic jobs, every %.1f s",
+        len(cron.PERIODIC_JOBS),
+        loop.interval,
+    )
     loop.run()
 
 

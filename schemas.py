@@ -169,6 +169,35 @@ class JobPage(BaseModel):
     jobs: list[JobView]
 
 
+class PeriodicRun(BaseModel):
+    """The job one run of a periodic job enqueued."""
+
+    job_id: str
+    status: str
+    """The job's status; `expired` once RQ has deleted the job (after its result or failure TTL)."""
+    run_at: datetime | None = None
+    """The time the run was due (not when it was enqueued)."""
+    enqueued_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+class PeriodicJobView(BaseModel):
+    name: str
+    task: str
+    args: dict[str, Any]
+    priority: Priority
+    cron: str | None = Field(None, description="cron expression, in the scheduler's local time")
+    interval_seconds: int | None = None
+    last_run: PeriodicRun | None
+    next_run: datetime
+
+
+class PeriodicJobList(BaseModel):
+    schedulers: int
+    """Scheduler processes alive (heartbeat within RQ's cron scheduler TTL); 0: no periodic job runs."""
+    jobs: list[PeriodicJobView]
+
+
 class Problem(BaseModel):
     """The JSON body of every error answer."""
 

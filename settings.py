@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     webhook_timeout_seconds: float = Field(10.0, gt=0)
     webhook_allow_private: bool = Field(False, description="allow private, loopback and link-local targets")
     inbox_size: int = Field(100, ge=1, description="in-app notifications kept per user")
+    inbox_retention_days: int = Field(
+        90, ge=1, description="the daily purge_expired job removes in-app notifications older than this"
+    )
 
     schedule_horizon_days: int = Field(30, ge=1, description="send_at further ahead than this is refused")
     schedule_past_tolerance_seconds: int = Field(60, ge=0, description="send_at this far in the past runs at once")

@@ -17,10 +17,11 @@ from redis import Redis
 from rq import get_current_job
 from rq.job import Job
 
+import connections
 import metrics
 import notifications
 import recovery
-from channels import CHANNELS, Message, email
+from channels import CHANNELS, Message, email, in_app
 from exceptions import PermanentError
 from schemas import AwaitArgs, EmailArgs, NoArgs
 from settings import get_settings
@@ -114,6 +115,20 @@ def _record_failure(job: Job, delivery_id: str, exc: Exception) -> bool:
     return retrying
 
 
+def purge_expired() -> dict[str, int]:
+    """Daily housekeeping (`cron.py`): remove what is past its retention and no Redis TTL removes.
+
+    That is the in-app inbox items older than `INBOX_RETENTION_DAYS`. Notification and delivery
+    records need nothing here: they expire by their own TTL (`notifications.RECORD_TTL_SECONDS`).
+    """
+    job = get_current_job()
+    connection = job.connection if job else connections.redis_client()
+    cutoff = datetime.now(UTC) - timedelta(days=get_settings().inbox_retention_days)
+    items, inboxes = in_app.purge_older_than(connection, cutoff)
+    log.info("purged expired inbox items", extra={"items": items, "inboxes": inboxes})
+    return {"inbox_items": items, "inboxes": inboxes}
+
+
 def noop() -> None:
     """Do nothing: a cheap job for health checks and benchmarks."""
 
@@ -135,5 +150,6 @@ class Task:
 TASKS: dict[str, Task] = {
     "send_email": Task(send_email, EmailArgs, "Send one email over SMTP."),
     "noop": Task(noop, NoArgs, "Do nothing."),
+    "purge_expired": Task(purge_expired, NoArgs, "Remove inbox items past INBOX_RETENTION_DAYS (runs daily)."),
     "await_completion": Task(await_completion, AwaitArgs, "Wait until completed with a result.", waits=True),
 }

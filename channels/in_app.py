@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from typing import Any
 
+from redis import Redis
 from redis.exceptions import RedisError
 
 import connections
@@ -141,3 +143,47 @@ def mark_read(user_id: str, notification_id: str) -> bool:
         pipeline.zrem(unread_key, notification_id)
         exists, _ = pipeline.execute()
     return bool(exists)
+
+
+# KEYS: ids, unread, items, seq. ARGV: the ids to remove. Returns how many items were removed.
+_PURGE = """
+local removed = 0
+for _, id in ipairs(ARGV) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('ZREM', KEYS[2], id)
+  removed = removed + redis.call('HDEL', KEYS[3], id)
+end
+if redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[4])
+end
+return removed
+"""
+
+
+def purge_older_than(connection: Redis, cutoff: datetime) -> tuple[int, int]:
+    """Remove every inbox item created before `cutoff`: (items removed, inboxes touched).
+
+    No TTL can do it: the items of an inbox are members of one sorted set and fields of one hash.
+    An inbox left empty loses its arrival counter too, so no key of it stays behind.
+    """
+    removed = inboxes = 0
+    for items_key in connection.scan_iter(match="inbox:{*}:items", count=500, _type="hash"):
+        user_id = items_key.decode().removeprefix("inbox:{").removesuffix("}:items")
+        if valid_user_id(user_id) and (count := _purge_inbox(connection, user_id, cutoff)):
+            removed, inboxes = removed + count, inboxes + 1
+    return removed, inboxes
+
+
+def _purge_inbox(connection: Redis, user_id: str, cutoff: datetime) -> int:
+    keys = _keys(user_id)
+    old = [item_id for item_id, raw in connection.hgetall(keys[2]).items() if _created_before(raw, cutoff)]
+    return int(connection.register_script(_PURGE)(keys=list(keys), args=old)) if old else 0
+
+
+def _created_before(raw: bytes | str, cutoff: datetime) -> bool:
+    """Whether a stored item was created before `cutoff`; an item without a readable time is kept."""
+    try:
+        created = datetime.fromisoformat(json.loads(raw)["created_at"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    return created.tzinfo is not None and created < cutoff

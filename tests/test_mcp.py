@@ -115,7 +115,7 @@ def test_failed_job_is_listed_and_requeued(client: TestClient, smtp: MailSink, w
 
 def test_bad_input_is_a_clear_tool_error_and_writes_nothing(redis: Redis) -> None:
     create = [
-        ({"task": "rm_rf"}, "unknown task 'rm_rf'; known tasks: await_completion, noop, send_email"),
+        ({"task": "rm_rf"}, "unknown task 'rm_rf'; known tasks: await_completion, noop, purge_expired, send_email"),
         ({"task": "send_email", "kwargs": {**EMAIL, "to": "nobody"}}, "invalid kwargs: to:"),
         ({"task": "noop", "delay_seconds": -1}, "delay_seconds"),
         ({"task": "await_completion", "kwargs": {"description": "x"}, "delay_seconds": 5}, "takes no delay_seconds"),
