@@ -374,12 +374,12 @@ def get_preferences(user_id: UserId) -> Preferences:
 
 UnsubscribeToken = Annotated[str, Path(max_length=800, description="the signed token from an email's link")]
 HTML_ANSWERS: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/html": {}}},
-    400: {"content": {"text/html": {}}},
+    code: {"content": {"text/html": {"schema": {"type": "string"}}}} for code in (200, 400)
 }
+"""The pages of the unsubscribe routes; their other errors (422, 503) stay JSON, as everywhere."""
 
 
-@app.get("/unsubscribe/{token}", response_class=HTMLResponse, responses=HTML_ANSWERS)
+@app.get("/unsubscribe/{token}", responses=HTML_ANSWERS)
 def unsubscribe_page(token: UnsubscribeToken) -> HTMLResponse:
     """A page with one button that unsubscribes; opening it changes nothing (mail scanners open links).
     Needs no API key."""
@@ -389,7 +389,11 @@ def unsubscribe_page(token: UnsubscribeToken) -> HTMLResponse:
     return HTMLResponse(unsubscribe_links.confirm_page(subscription), 200, unsubscribe_links.SECURITY_HEADERS)
 
 
-@app.post("/unsubscribe/{token}", response_model=Unsubscribed, responses={200: {"content": {"text/html": {}}}})
+@app.post(
+    "/unsubscribe/{token}",
+    response_model=Unsubscribed,
+    responses={**HTML_ANSWERS, 400: {**HTML_ANSWERS[400], "model": Problem}},
+)
 def unsubscribe(token: UnsubscribeToken, request: Request) -> Response:
     """One-click unsubscribe (RFC 8058), as mail readers POST it, and the page's button: the token's
     topic and channel are turned off for its user. A bad or altered token is a 400 that changes nothing.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import get_args
+from typing import cast, get_args
 from zoneinfo import ZoneInfo
 
 from redis import Redis
@@ -25,7 +25,7 @@ import quiet_hours
 from schemas import ChannelName, Preferences, QuietHours
 
 OPTED_OUT = "opted_out"
-CHANNELS: tuple[str, ...] = get_args(ChannelName)
+CHANNELS: tuple[ChannelName, ...] = get_args(ChannelName)
 
 
 def key(user_id: str) -> str:
@@ -62,14 +62,15 @@ def load(connection: Redis, user_id: str) -> Preferences:
     """The stored preferences, every channel listed (on unless turned off); defaults for a new user."""
     stored: dict[bytes, bytes] = connection.hgetall(key(user_id))  # type: ignore[assignment]
     raw = {name.decode(): json.loads(value) for name, value in stored.items()}
-    channels = {channel: bool(raw.get(f"channel:{channel}", True)) for channel in CHANNELS}
-    topics: dict[str, dict[str, bool]] = {}
+    channels: dict[ChannelName, bool] = {channel: bool(raw.get(f"channel:{channel}", True)) for channel in CHANNELS}
+    topics: dict[str, dict[ChannelName, bool]] = {}
     for name, value in raw.items():
         if name.startswith("topic:"):
             topic, _, channel = name.removeprefix("topic:").rpartition(":")
-            topics.setdefault(topic, {})[channel] = bool(value)
+            topics.setdefault(topic, {})[cast(ChannelName, channel)] = bool(value)
     quiet = QuietHours(**raw["quiet_hours"]) if raw.get("quiet_hours") else None
-    return Preferences.model_validate({"channels": channels, "topics": topics, "quiet_hours": quiet})
+    # Not validated again: unsubscribe links may have added topics beyond what one PUT may send.
+    return Preferences.model_construct(channels=channels, topics=topics, quiet_hours=quiet)
 
 
 def save(connection: Redis, user_id: str, preferences: Preferences) -> Preferences:

@@ -14,6 +14,7 @@ from pydantic import (
     EmailStr,
     Field,
     JsonValue,
+    StrictBool,
     field_validator,
     model_validator,
 )
@@ -207,7 +208,7 @@ class NotificationRequest(StrictModel, Schedule):
     source_entity_type: Token | None = None
     source_entity_id: Token | None = None
     topic: Topic = Field("general", description="the user's preferences for this topic apply")
-    required: bool = Field(False, description="sent whatever the user opted out of (security alerts and the like)")
+    required: StrictBool = Field(False, description="sent whatever the user opted out of (security alerts, say)")
 
     _one_recipient = model_validator(mode="before")(one_recipient)
 
@@ -330,8 +331,8 @@ class Preferences(StrictModel):
         },
     )
 
-    channels: dict[ChannelName, bool] = Field(default_factory=dict)
-    topics: dict[Topic, dict[ChannelName, bool]] = Field(default_factory=dict, max_length=100)
+    channels: dict[ChannelName, StrictBool] = Field(default_factory=dict)
+    topics: dict[Topic, dict[ChannelName, StrictBool]] = Field(default_factory=dict, max_length=100)
     quiet_hours: QuietHours | None = None
 
 

@@ -213,3 +213,16 @@ def test_the_page_button_unsubscribes_in_a_browser(api_url: str, browser: Browse
     assert "marketing" in done
     assert redis.hget("preferences:ann", "topic:marketing:email") == b"false"
     assert browser.run("location.pathname") == f"/unsubscribe/{token}"
+
+
+def test_unsubscribing_from_more_topics_than_one_put_may_send_still_reads_back(
+    client: TestClient, redis: Redis
+) -> None:
+    secret = get_settings().unsubscribe_secret.get_secret_value()
+    for number in range(101):
+        assert (
+            client.post(f"/unsubscribe/{make_token(secret, Subscription('ann', f't{number}', 'email'))}").status_code
+            == 200
+        )
+    topics = client.get("/users/ann/preferences").json()["topics"]
+    assert len(topics) == 101 and topics["t100"] == {"email": False}
