@@ -15,7 +15,7 @@ from uuid import uuid4
 from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -34,6 +34,7 @@ import mcp_server
 import metrics
 import notifications
 import queues
+import unsubscribe as unsubscribe_links
 from dashboard import mount_dashboard
 from exceptions import (
     IdempotencyConflict,
@@ -61,13 +62,15 @@ from schemas import (
     NotificationRequest,
     NotificationView,
     PeriodicJobList,
+    Preferences,
     Priority,
     Problem,
     SendEmailBatch,
     SendEmailRequest,
+    Unsubscribed,
     UserContact,
 )
-from security import DOCS_ASSETS_PATH, OPEN_PATHS, ApiKeyMiddleware, BodyLimitMiddleware
+from security import DOCS_ASSETS_PATH, ApiKeyMiddleware, BodyLimitMiddleware, is_open
 from settings import get_settings
 
 setup_logging_from(get_settings())
@@ -364,6 +367,57 @@ def save_contact(user_id: UserId, contact: UserContact) -> ContactView:
     return ContactView.of(contact.to, contact.webhook_url)
 
 
+@app.put("/users/{user_id}/preferences", response_model=Preferences)
+def save_preferences(user_id: UserId, wishes: Preferences) -> Preferences:
+    """Replace a user's preferences; parts left out take their defaults (every channel on, no topic
+    exceptions, no quiet hours). The answer is what is stored, every channel listed."""
+    return dispatch.save_preferences(user_id, wishes)
+
+
+@app.get("/users/{user_id}/preferences", response_model=Preferences)
+def get_preferences(user_id: UserId) -> Preferences:
+    """A user's preferences; the defaults for a user who never stored any."""
+    return dispatch.get_preferences(user_id)
+
+
+UnsubscribeToken = Annotated[str, Path(max_length=800, description="the signed token from an email's link")]
+HTML_ANSWERS: dict[int | str, dict[str, Any]] = {
+    code: {"content": {"text/html": {"schema": {"type": "string"}}}} for code in (200, 400)
+}
+"""The pages of the unsubscribe routes; their other errors (422, 503) stay JSON, as everywhere."""
+
+
+@app.get("/unsubscribe/{token}", responses=HTML_ANSWERS)
+def unsubscribe_page(token: UnsubscribeToken) -> HTMLResponse:
+    """A page with one button that unsubscribes; opening it changes nothing (mail scanners open links).
+    Needs no API key."""
+    subscription = dispatch.read_unsubscribe_token(token)
+    if subscription is None:
+        return HTMLResponse(unsubscribe_links.invalid_page(), 400, unsubscribe_links.SECURITY_HEADERS)
+    return HTMLResponse(unsubscribe_links.confirm_page(subscription), 200, unsubscribe_links.SECURITY_HEADERS)
+
+
+@app.post(
+    "/unsubscribe/{token}",
+    response_model=Unsubscribed,
+    responses={**HTML_ANSWERS, 400: {**HTML_ANSWERS[400], "model": Problem}},
+)
+def unsubscribe(token: UnsubscribeToken, request: Request) -> Response:
+    """One-click unsubscribe (RFC 8058), as mail readers POST it, and the page's button: the token's
+    topic and channel are turned off for its user. A bad or altered token is a 400 that changes nothing.
+    Needs no API key; any body (`List-Unsubscribe=One-Click`) is accepted and ignored. A browser
+    (`Accept: text/html`) gets a page, anything else JSON."""
+    subscription = dispatch.unsubscribe(token)
+    browser = "text/html" in request.headers.get("accept", "")
+    if subscription is None:
+        if browser:
+            return HTMLResponse(unsubscribe_links.invalid_page(), 400, unsubscribe_links.SECURITY_HEADERS)
+        return JSONResponse({"detail": "invalid unsubscribe token"}, status_code=400)
+    if browser:
+        return HTMLResponse(unsubscribe_links.done_page(subscription), 200, unsubscribe_links.SECURITY_HEADERS)
+    return JSONResponse(Unsubscribed.model_validate({**subscription._asdict(), "subscribed": False}).model_dump())
+
+
 @app.get("/users/{user_id}/contact", response_model=ContactView)
 def get_contact(user_id: UserId) -> ContactView:
     """The stored contact of a user (404 when none was stored)."""
@@ -419,7 +473,7 @@ def openapi_with_api_keys() -> dict[str, Any]:
         schema = FastAPI.openapi(app)  # FastAPI's own, which stores it in `app.openapi_schema`
         schema.setdefault("components", {})["securitySchemes"] = API_KEY_SCHEMES
         schema["security"] = [{name: []} for name in API_KEY_SCHEMES]
-        for path in OPEN_PATHS & schema["paths"].keys():
+        for path in filter(is_open, schema["paths"]):
             for operation in schema["paths"][path].values():
                 operation["security"] = []
     return app.openapi_schema or {}

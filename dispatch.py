@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from contextlib import suppress
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import metrics
 import notifications
+import preferences
 import queues
 import rendering
 import tasks
+import unsubscribe as unsubscribe_links
 from channels.base import Message
 from channels.webhook import check_url
 from exceptions import JobNotFoundError, JobStateError, TargetError
-from schemas import QUEUE_OF_PRIORITY, NotificationAccepted, NotificationRequest, NotificationView
+from schemas import QUEUE_OF_PRIORITY, NotificationAccepted, NotificationRequest, NotificationView, Preferences
 from settings import get_settings
 
 
@@ -31,14 +34,17 @@ class Content:
 
 
 def create_notification(request: NotificationRequest, correlation_id: str) -> NotificationAccepted:
+    """Records and jobs of a new notification: a delivery the user opted out of is recorded as
+    `skipped` and gets no job; a non-urgent one due in the user's quiet hours waits until they end."""
     connection = queues.get_redis()
     contents = _contents(request)
     targets = _targets(request, notifications.load_contact(connection, request.user_id))
-    notification_id, created, due = notifications.new_id(), notifications.now_iso(), request.due_at()
+    wishes = preferences.load(connection, request.user_id)
+    notification_id, created, due = notifications.new_id(), notifications.now_iso(), _due(request, wishes)
     queue = queues.get_queue(QUEUE_OF_PRIORITY[request.priority])
     queues.ensure_capacity(queue)
     record = {
-        **request.model_dump(mode="json", include={"user_id", "priority", "source_entity_type", "source_entity_id"}),
+        **request.model_dump(mode="json", include=RECORDED_FIELDS),
         "notification_id": notification_id,
         "title": contents[request.channels[0]].title,
         "correlation_id": correlation_id,
@@ -52,18 +58,48 @@ def create_notification(request: NotificationRequest, correlation_id: str) -> No
         message = Message(
             notifications.new_id(), notification_id, request.user_id, content.title, content.body,
             targets.get(channel), content.payload, created, correlation_id, content.html,
+            request.topic, request.required,
         )  # fmt: skip
         attempts = _max_attempts(channel)
-        status = "scheduled" if due else "pending"
-        deliveries.append(notifications.new_delivery(message, channel, attempts, status, record["expires_at"]))
-        jobs.append(_delivery_job(queue, message, channel, attempts))
+        skipped = preferences.skip_reason(wishes, request.topic, channel, request.required)
+        deliveries.append(_delivery_record(message, channel, attempts, record, skipped))
+        if not skipped:
+            jobs.append(_delivery_job(queue, message, channel, attempts))
     with queues.transaction() as pipeline:
         notifications.write(pipeline, record, deliveries)
         for job in jobs:
             queues.submit(queue, job, due, pipeline)
-        for channel in request.channels:
-            metrics.NOTIFICATIONS_CREATED.inc(pipeline, channel)
+        _count(pipeline, deliveries)
     return _accepted(record, deliveries)
+
+
+RECORDED_FIELDS = {"user_id", "priority", "source_entity_type", "source_entity_id", "topic", "required"}
+
+
+def _due(request: NotificationRequest, wishes: Preferences) -> datetime | None:
+    """When the deliveries are due: as asked, or at the end of the user's quiet hours if that time falls
+    inside them (urgent notifications excepted); None for now."""
+    due = request.due_at()
+    if request.priority == "urgent":
+        return due
+    return preferences.quiet_until(wishes, due or datetime.now(UTC)) or due
+
+
+def _delivery_record(
+    message: Message, channel: str, attempts: int, record: dict[str, Any], skipped: str | None
+) -> dict[str, Any]:
+    due = record["scheduled_for"]
+    status = "skipped" if skipped else "scheduled" if due else "pending"
+    scheduled_for = due if status == "scheduled" else None
+    return notifications.new_delivery(message, channel, attempts, status, record["expires_at"], scheduled_for, skipped)
+
+
+def _count(pipeline: Any, deliveries: list[dict[str, Any]]) -> None:
+    """Every delivery is created; a skipped one is settled at once."""
+    for delivery in deliveries:
+        metrics.NOTIFICATIONS_CREATED.inc(pipeline, delivery["channel"])
+        if delivery["status"] == "skipped":
+            metrics.NOTIFICATIONS_DELIVERED.inc(pipeline, delivery["channel"], "skipped")
 
 
 def _delivery_job(queue: Any, message: Message, channel: str, attempts: int) -> Any:
@@ -169,3 +205,24 @@ def retry_delivery(notification_id: str, channel: str) -> NotificationView | Non
     queues.requeue_job(delivery["job_id"])
     notifications.update(connection, delivery["delivery_id"], status="pending", attempts=0, next_retry_at=None)
     return get_notification(notification_id)
+
+
+def get_preferences(user_id: str) -> Preferences:
+    return preferences.load(queues.get_redis(), user_id)
+
+
+def save_preferences(user_id: str, wishes: Preferences) -> Preferences:
+    return preferences.save(queues.get_redis(), user_id, wishes)
+
+
+def unsubscribe(token: str) -> unsubscribe_links.Subscription | None:
+    """Turn off what a genuine unsubscribe token names (one topic, one channel); None, changing
+    nothing, for any other token."""
+    subscription = read_unsubscribe_token(token)
+    if subscription is not None:
+        preferences.set_topic_channel(queues.get_redis(), *subscription, wanted=False)
+    return subscription
+
+
+def read_unsubscribe_token(token: str) -> unsubscribe_links.Subscription | None:
+    return unsubscribe_links.read_token(get_settings().unsubscribe_secret.get_secret_value(), token)

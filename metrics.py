@@ -122,7 +122,7 @@ JOB_WAIT = Histogram("rq_job_wait_seconds", "From enqueued to started, per attem
 NOTIFICATIONS_CREATED = Counter("notification_created_total", "Channel deliveries created.", ("channel",))
 NOTIFICATIONS_DELIVERED = Counter(
     "notification_delivered_total",
-    "Channel deliveries settled, by outcome: delivered, failed, expired or canceled.",
+    "Channel deliveries settled, by outcome: delivered, failed, expired, canceled or skipped.",
     ("channel", "status"),
 )
 NOTIFICATION_RETRIES = Counter(

@@ -51,7 +51,13 @@ def write(pipeline: Pipeline, notification: dict[str, Any], deliveries: list[dic
 
 
 def new_delivery(
-    message: Message, channel: str, max_attempts: int, status: str, expires_at: str | None
+    message: Message,
+    channel: str,
+    max_attempts: int,
+    status: str,
+    expires_at: str | None,
+    scheduled_for: str | None = None,
+    skip_reason: str | None = None,
 ) -> dict[str, Any]:
     created = message.created_at
     return {
@@ -63,6 +69,8 @@ def new_delivery(
         "attempts": 0,
         "max_attempts": max_attempts,
         "expires_at": expires_at,
+        "scheduled_for": scheduled_for,
+        "skip_reason": skip_reason,
         "created_at": created,
         "updated_at": created,
         "message": asdict(message),

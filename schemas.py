@@ -14,9 +14,12 @@ from pydantic import (
     EmailStr,
     Field,
     JsonValue,
+    StrictBool,
+    field_validator,
     model_validator,
 )
 
+import quiet_hours
 from settings import get_settings
 
 Priority = Literal["high", "default", "low"]
@@ -206,12 +209,18 @@ class Problem(BaseModel):
 
 ChannelName = Literal["email", "webhook", "in_app"]
 NotificationPriority = Literal["urgent", "high", "normal", "low"]
-DeliveryStatus = Literal["pending", "scheduled", "sending", "delivered", "retrying", "failed", "expired", "canceled"]
+DeliveryStatus = Literal[
+    "pending", "scheduled", "sending", "delivered", "retrying", "failed", "expired", "canceled", "skipped"
+]
+SkipReason = Literal["opted_out"]
 ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
 """User ids, entity ids and correlation ids: plain tokens, safe in Redis keys and log lines."""
 QUEUE_OF_PRIORITY: dict[str, Priority] = {"urgent": "high", "high": "high", "normal": "default", "low": "low"}
 
 Token = Annotated[str, Field(pattern=ID_PATTERN)]
+TOPIC_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+Topic = Annotated[str, Field(pattern=TOPIC_PATTERN, examples=["marketing"])]
+"""What a notification is about (`general`, `marketing`, `security`): users opt out per topic and channel."""
 
 
 class NotificationRequest(StrictModel, Schedule):
@@ -227,6 +236,8 @@ class NotificationRequest(StrictModel, Schedule):
     webhook_url: str | None = Field(None, max_length=2048, description="defaults to the user's stored URL")
     source_entity_type: Token | None = None
     source_entity_id: Token | None = None
+    topic: Topic = Field("general", description="the user's preferences for this topic apply")
+    required: StrictBool = Field(False, description="sent whatever the user opted out of (security alerts, say)")
 
     _one_recipient = model_validator(mode="before")(one_recipient)
 
@@ -267,6 +278,8 @@ class DeliveryAccepted(BaseModel):
     delivery_id: str
     job_id: str
     status: DeliveryStatus
+    skip_reason: SkipReason | None = None
+    scheduled_for: datetime | None = None
 
 
 class NotificationAccepted(BaseModel):
@@ -289,6 +302,8 @@ class DeliveryView(BaseModel):
     created_at: datetime
     updated_at: datetime
     delivered_at: datetime | None = None
+    skip_reason: SkipReason | None = Field(None, description="why a `skipped` delivery was not sent")
+    scheduled_for: datetime | None = Field(None, description="when a `scheduled` delivery is due (UTC)")
 
 
 class NotificationView(BaseModel):
@@ -302,4 +317,58 @@ class NotificationView(BaseModel):
     expires_at: datetime | None = None
     source_entity_type: str | None = None
     source_entity_id: str | None = None
+    topic: str = "general"
+    required: bool = False
     deliveries: list[DeliveryView]
+
+
+WallClockTime = Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?$", examples=["22:00"])]
+"""`HH:MM`, or `HH:MM:SS`, on a 24-hour clock."""
+
+
+class QuietHours(StrictModel):
+    """A daily window, in the user's time zone, in which only urgent notifications go out at once."""
+
+    start: WallClockTime
+    end: WallClockTime = Field(examples=["07:00"])
+    timezone: str = Field(max_length=64, examples=["Europe/Berlin"], description="an IANA time zone name")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, name: str) -> str:
+        if not quiet_hours.is_known_zone(name):
+            raise ValueError(f"unknown time zone {name!r}: give an IANA name such as Europe/Berlin or UTC")
+        return name
+
+
+class Preferences(StrictModel):
+    """What a user wants to receive: channels on or off, per topic exceptions, quiet hours.
+
+    A channel missing from `channels` is on; a topic's channel missing from `topics` follows `channels`.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "channels": {"email": True, "webhook": True, "in_app": True},
+                    "topics": {"marketing": {"email": False}},
+                    "quiet_hours": {"start": "22:00", "end": "07:00", "timezone": "Europe/Berlin"},
+                }
+            ]
+        },
+    )
+
+    channels: dict[ChannelName, StrictBool] = Field(default_factory=dict)
+    topics: dict[Topic, dict[ChannelName, StrictBool]] = Field(default_factory=dict, max_length=100)
+    quiet_hours: QuietHours | None = None
+
+
+class Unsubscribed(BaseModel):
+    """The answer to a one-click unsubscribe: this user gets no more of this topic on this channel."""
+
+    user_id: str
+    topic: str
+    channel: ChannelName
+    subscribed: bool

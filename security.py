@@ -23,7 +23,9 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth
 """Served without an API key: probes, metrics and the API docs (which hold no data)."""
 DOCS_ASSETS_PATH = "/docs/assets"
 """The scripts, styles and icon of /docs and /redoc (from `fastapi-offline`), open like the pages."""
-OPEN_PREFIXES = (f"{DOCS_ASSETS_PATH}/", f"{DASHBOARD_PATH}/")
+UNSUBSCRIBE_PREFIX = "/unsubscribe/"
+"""One-click unsubscribe links from emails: the signed token in the path is their credential."""
+OPEN_PREFIXES = (f"{DOCS_ASSETS_PATH}/", f"{DASHBOARD_PATH}/", UNSUBSCRIBE_PREFIX)
 WS_POLICY_VIOLATION = 1008
 
 

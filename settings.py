@@ -13,6 +13,8 @@ QUEUE_NAMES: tuple[str, ...] = ("high", "default", "low")
 """Queue names in the order a worker serves them: a waiting `high` job always goes first."""
 DEFAULT_WEBHOOK_SECRET = "whsec_bG9jYWwtZGV2ZWxvcG1lbnQtc2VjcmV0"
 """For local use only: settings refuse it outside ENVIRONMENT=local."""
+DEFAULT_UNSUBSCRIBE_SECRET = "local-development-unsubscribe-secret"
+"""Signs unsubscribe links in local use only: settings refuse it outside ENVIRONMENT=local."""
 
 
 class Settings(BaseSettings):
@@ -74,6 +76,15 @@ class Settings(BaseSettings):
     )
     webhook_timeout_seconds: float = Field(10.0, gt=0)
     webhook_allow_private: bool = Field(False, description="allow private, loopback and link-local targets")
+    unsubscribe_secret: SecretStr = Field(
+        SecretStr(DEFAULT_UNSUBSCRIBE_SECRET), description="HMAC key of the one-click unsubscribe links in email"
+    )
+    public_base_url: str = Field(
+        "http://127.0.0.1:8000",
+        max_length=300,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="where recipients reach the API: the start of the unsubscribe links in email",
+    )
     inbox_size: int = Field(100, ge=1, description="in-app notifications kept per user")
     inbox_retention_days: int = Field(
         90, ge=1, description="the daily purge_expired job removes in-app notifications older than this"
@@ -120,6 +131,16 @@ class Settings(BaseSettings):
     def _blank_webhook_secret_is_unset(cls, value: object) -> object:
         return DEFAULT_WEBHOOK_SECRET if value == "" else value
 
+    @field_validator("unsubscribe_secret", mode="before")
+    @classmethod
+    def _blank_unsubscribe_secret_is_unset(cls, value: object) -> object:
+        return DEFAULT_UNSUBSCRIBE_SECRET if value == "" else value
+
+    @field_validator("public_base_url", mode="after")
+    @classmethod
+    def _no_trailing_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_case_level(cls, value: object) -> object:
@@ -139,7 +160,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _no_default_secrets_outside_local(self) -> Settings:
-        """Outside local use: API keys, a dashboard password and a webhook secret of one's own."""
+        """Outside local use: API keys, a dashboard password, and webhook and unsubscribe secrets of one's own."""
         if self.environment == "local":
             return self
         password = self.dashboard_password.get_secret_value() if self.dashboard_password else ""
@@ -147,6 +168,9 @@ class Settings(BaseSettings):
             "API_KEYS (or API_KEY)": not self.api_keys,
             "DASHBOARD_PASSWORD": not password,
             "WEBHOOK_SECRET (the default is public)": self.webhook_secret.get_secret_value() == DEFAULT_WEBHOOK_SECRET,
+            "UNSUBSCRIBE_SECRET (the default is public)": (
+                self.unsubscribe_secret.get_secret_value() == DEFAULT_UNSUBSCRIBE_SECRET
+            ),
         }
         if missing := [name for name, is_unset in unset.items() if is_unset]:
             raise ValueError(f"ENVIRONMENT={self.environment} requires {', '.join(missing)}")

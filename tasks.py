@@ -20,6 +20,7 @@ from rq.job import Job
 import connections
 import metrics
 import notifications
+import preferences
 import recovery
 from channels import CHANNELS, Message, email, in_app
 from exceptions import PermanentError
@@ -59,6 +60,10 @@ def deliver_notification(delivery_id: str) -> dict[str, str]:
         notifications.update(connection, delivery_id, status="expired")
         _report(connection, "expired", _log_fields(delivery, delivery["attempts"]))
         return {"status": "expired"}
+    if reason := _skip_reason(connection, delivery):
+        notifications.update(connection, delivery_id, status="skipped", skip_reason=reason)
+        _report(connection, "skipped", _log_fields(delivery, delivery["attempts"]))
+        return {"status": "skipped"}
     fields = _log_fields(delivery, notifications.start_attempt(connection, delivery_id))
     try:
         _deliver_once(job, delivery)
@@ -69,6 +74,14 @@ def deliver_notification(delivery_id: str) -> dict[str, str]:
     notifications.update(connection, delivery_id, status="delivered", delivered_at=notifications.now_iso())
     _report(connection, "delivered", fields)
     return {"status": "delivered"}
+
+
+def _skip_reason(connection: Redis, delivery: dict[str, Any]) -> str | None:
+    """The user's preferences read again at send time: an opt-out made after the notification was
+    accepted (while it waited for its time, or between retries) is obeyed."""
+    message = delivery["message"]
+    topic, required = message.get("topic", "general"), message.get("required", False)
+    return preferences.check(connection, message["user_id"], topic, delivery["channel"], required)
 
 
 def _deliver_once(job: Job, delivery: dict[str, Any]) -> None:

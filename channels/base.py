@@ -25,6 +25,10 @@ class Message:
     correlation_id: str = ""
     html: str | None = None
     """Email only: the HTML alternative of `body` (a template's `email_body.html`)."""
+    topic: str = "general"
+    """What it is about: the user's preferences for this topic apply, and its emails' unsubscribe link names it."""
+    required: bool = False
+    """Sent whatever the user opted out of; its emails carry no unsubscribe link."""
 
 
 Channel = Callable[[Message], None]

@@ -8,8 +8,10 @@ import threading
 import time
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from email.policy import Policy
 from email.utils import format_datetime, make_msgid
 
+import unsubscribe
 from channels.base import Message
 from exceptions import PermanentError, TransientError
 from settings import Settings, get_settings
@@ -169,4 +171,29 @@ def send_notification(message: Message) -> None:
     email = build_message(
         settings, message.target, message.title, message.body, unique_id=message.delivery_id, html=message.html
     )
+    if not message.required:
+        subscription = unsubscribe.Subscription(message.user_id, message.topic, "email")
+        add_unsubscribe_headers(email, unsubscribe.link(settings, subscription))
     send(settings, email)
+
+
+def add_unsubscribe_headers(email: EmailMessage, url: str) -> None:
+    """One-click unsubscribe (RFC 8058): mail readers show an "Unsubscribe" button that POSTs to `url`."""
+    email["List-Unsubscribe"] = _Verbatim("List-Unsubscribe", f"<{url}>")
+    email["List-Unsubscribe-Post"] = _Verbatim("List-Unsubscribe-Post", "List-Unsubscribe=One-Click")
+
+
+class _Verbatim(str):
+    """A header value written as it is: the email policy would refold a line over 78 characters, and
+    does so by turning a long URL (which has no space to fold at) into RFC 2047 encoded words, which
+    no mail reader takes for a URL. Header lines may be up to 998 characters (RFC 5322)."""
+
+    def __new__(cls, name: str, value: str) -> _Verbatim:
+        header = super().__new__(cls, value)
+        header.name = name
+        return header
+
+    name: str
+
+    def fold(self, *, policy: Policy) -> str:
+        return f"{self.name}: {self}{policy.linesep}"

@@ -28,7 +28,7 @@ import queues
 import serve
 from dashboard import mount_dashboard
 from security import ApiKeyMiddleware, BodyLimitMiddleware, key_matches
-from settings import DEFAULT_WEBHOOK_SECRET, Settings, get_settings
+from settings import DEFAULT_UNSUBSCRIBE_SECRET, DEFAULT_WEBHOOK_SECRET, Settings, get_settings
 from tests.helpers import start_process, stop_process, wait_until
 
 EMAIL = {"to": "ann@example.com", "subject": "Hi", "body": "Welcome"}
@@ -364,6 +364,7 @@ PRODUCTION = {
     "API_KEYS": '["a-long-random-key"]',
     "DASHBOARD_PASSWORD": "dash-pass",
     "WEBHOOK_SECRET": "whsec_cHJvZHVjdGlvbi1zZWNyZXQ=",
+    "UNSUBSCRIBE_SECRET": "unsubscribe-production-secret",
 }
 
 
@@ -381,7 +382,14 @@ def test_production_accepts_all_three_secrets(production: dict[str, str]) -> Non
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("API_KEYS", ""), ("API_KEYS", " , "), ("DASHBOARD_PASSWORD", ""), ("WEBHOOK_SECRET", DEFAULT_WEBHOOK_SECRET)],
+    [
+        ("API_KEYS", ""),
+        ("API_KEYS", " , "),
+        ("DASHBOARD_PASSWORD", ""),
+        ("WEBHOOK_SECRET", DEFAULT_WEBHOOK_SECRET),
+        ("UNSUBSCRIBE_SECRET", DEFAULT_UNSUBSCRIBE_SECRET),
+        ("UNSUBSCRIBE_SECRET", ""),
+    ],
 )
 def test_production_refuses_a_missing_secret(
     production: dict[str, str], monkeypatch: pytest.MonkeyPatch, name: str, value: str
