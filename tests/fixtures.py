@@ -55,3 +55,13 @@ def die_on_first_run() -> int:
     if runs == 1:
         os._exit(70)
     return runs
+
+
+def sleep_on_first_run(seconds: float) -> int:
+    """Sleep `seconds` on the job's first run only (`runs:<job id>` counts them); the count of runs."""
+    job = get_current_job()
+    assert job is not None, "runs as an RQ job"
+    runs = int(job.connection.incr(f"runs:{job.id}"))
+    if runs == 1:
+        time.sleep(seconds)
+    return runs

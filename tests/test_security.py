@@ -368,9 +368,10 @@ PRODUCTION = {
 
 
 @pytest.fixture
-def production(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    use_settings(monkeypatch, **PRODUCTION)
-    yield PRODUCTION
+def production(monkeypatch: pytest.MonkeyPatch, refused_redis_url: str) -> Iterator[dict[str, str]]:
+    """Production settings; `REDIS_URL` refuses connections (the machine's own Redis is never reached)."""
+    use_settings(monkeypatch, **PRODUCTION, REDIS_URL=refused_redis_url)
+    yield {**PRODUCTION, "REDIS_URL": refused_redis_url}
     get_settings.cache_clear()
 
 
