@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
@@ -42,11 +42,16 @@ def wait_for_http(url: str, timeout: float = 30.0) -> None:
     wait_until(ok, timeout, interval=0.1, what=f"{url} to answer")
 
 
-def start_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start a project entry point (`worker.py`) or a command of the venv (`rq`) from the project folder."""
+def start_process(
+    *args: str, env: dict[str, str] | None = None, output: IO[bytes] | None = None
+) -> subprocess.Popen[bytes]:
+    """Start a project entry point (`worker.py`) or a command of the venv (`rq`) from the project folder;
+    with `output`, its stdout and stderr go there."""
     program = args[0] if args[0].endswith(".py") else str(Path(sys.executable).with_name(args[0]))
     command = [sys.executable, program, *args[1:]] if args[0].endswith(".py") else [program, *args[1:]]
-    return subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True)
+    stderr = None if output is None else subprocess.STDOUT
+    environment = {**os.environ, **(env or {})}
+    return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=stderr, start_new_session=True)
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
