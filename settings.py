@@ -18,7 +18,9 @@ DEFAULT_UNSUBSCRIBE_SECRET = "local-development-unsubscribe-secret"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", hide_input_in_errors=True
+    )  # a refusal prints what is wrong, never the values given: they hold the secrets
 
     environment: Literal["local", "production"] = "local"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

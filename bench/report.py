@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 from dataclasses import dataclass, field
+
+TARGET = re.compile(r"([≥≤])\s*([\d,.]+)\s*(x|\w+)?")
+"""A target: `≥0.8x` (a ratio to the baseline), `≤50 ms`, `≥10,000` (in the row's unit)."""
 
 
 @dataclass
@@ -17,12 +21,29 @@ class Row:
     samples: list[float] = field(default_factory=list)
     baseline_samples: list[float] = field(default_factory=list)
     note: str = ""
+    worst: bool = False
+    """Judge the target on the worst run instead of the median: a bound that must hold every time."""
 
     def ratio(self) -> str:
         if not self.samples or not self.baseline_samples:
             return ""
         base = statistics.median(self.baseline_samples)
         return f"{statistics.median(self.samples) / base:.2f}x" if base else ""
+
+    def verdict(self) -> str:
+        """`pass` or `FAIL` against the target; "" without a target or samples."""
+        found = TARGET.fullmatch(self.target.strip())
+        if not found or not self.samples:
+            return ""
+        sign, bound = found[1], float(found[2].replace(",", ""))
+        if found[3] == "x":
+            value = float(self.ratio().rstrip("x") or "nan")
+        elif self.worst:
+            value = min(self.samples) if sign == "≥" else max(self.samples)
+        else:
+            value = statistics.median(self.samples)
+        met = value >= bound if sign == "≥" else value <= bound
+        return "pass" if met else "FAIL"
 
 
 def number(value: float) -> str:
@@ -41,12 +62,13 @@ def spread(samples: list[float]) -> tuple[str, str]:
     return number(statistics.median(samples)), f"{number(min(samples))}..{number(max(samples))}"
 
 
-HEADER = ("measurement", "unit", "median", "min..max", "baseline (same run)", "median", "min..max", "ratio", "target")
+HEADER: tuple[str, ...] = ("measurement", "unit", "median", "min..max", "baseline (same run)", "median", "min..max")
+HEADER += ("ratio", "target", "met")
 
 
 def cells(row: Row) -> tuple[str, ...]:
     if not row.samples:
-        return (row.name, row.unit, "skipped", "", "(see notes)" if row.note else "", "", "", "", row.target)
+        return (row.name, row.unit, "skipped", "", "(see notes)" if row.note else "", "", "", "", row.target, "")
     return (
         row.name,
         row.unit,
@@ -55,6 +77,7 @@ def cells(row: Row) -> tuple[str, ...]:
         *spread(row.baseline_samples),
         row.ratio(),
         row.target,
+        row.verdict(),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
@@ -19,7 +20,7 @@ import connections
 import mailsink
 import queues
 from settings import get_settings
-from tests.helpers import start_process, stop_process, wait_until
+from tests.helpers import refusing_port, start_process, stop_process, wait_until
 from tests.receiver import Receiver
 
 KEYSPACE_EVENTS = {"notify-keyspace-events": "Kl"}
@@ -90,19 +91,18 @@ StartProcess = Callable[..., subprocess.Popen[bytes]]
 
 @pytest.fixture
 def processes(redis: Redis) -> Iterator[StartProcess]:
-    """Start project processes (`start("worker.py")`); all are stopped after the test."""
-    started: list[subprocess.Popen[bytes]] = []
+    """Start project processes (`start("worker.py")`); all are stopped after the test, each even when
+    stopping another failed."""
+    with contextlib.ExitStack() as stopping:
 
-    def start(*args: str, wait_for_workers: int = 0) -> subprocess.Popen[bytes]:
-        process = start_process(*args)
-        started.append(process)
-        if wait_for_workers:
-            wait_until(lambda: len(Worker.all(connection=redis)) >= wait_for_workers, what="worker to register")
-        return process
+        def start(*args: str, wait_for_workers: int = 0) -> subprocess.Popen[bytes]:
+            process = start_process(*args)
+            stopping.callback(stop_process, process)
+            if wait_for_workers:
+                wait_until(lambda: len(Worker.all(connection=redis)) >= wait_for_workers, what="worker to register")
+            return process
 
-    yield start
-    for process in started:
-        stop_process(process)
+        yield start
 
 
 @pytest.fixture
@@ -111,17 +111,30 @@ def worker(processes: StartProcess, smtp: mailsink.MailSink) -> subprocess.Popen
     return processes("worker.py", wait_for_workers=1)
 
 
+@pytest.fixture(scope="session")
+def refused_redis_url() -> Iterator[str]:
+    """A Redis URL whose port refuses connections: for settings that must reach no real Redis (the
+    machine may run its own on the default port)."""
+    reserved = refusing_port()
+    yield f"redis://127.0.0.1:{reserved.getsockname()[1]}/0"
+    reserved.close()
+
+
 @pytest.fixture
-def fake_redis(monkeypatch: pytest.MonkeyPatch) -> Iterator[fakeredis.FakeRedis]:
-    """fakeredis in place of the real connection, for fast unit tests."""
+def fake_redis(monkeypatch: pytest.MonkeyPatch, refused_redis_url: str) -> Iterator[fakeredis.FakeRedis]:
+    """fakeredis in place of the real connection, for fast unit tests; whatever else would connect to
+    `REDIS_URL` (channels, inbox) is refused instead of reaching a real Redis."""
     connection = fakeredis.FakeRedis()
     monkeypatch.setattr(queues, "get_redis", lambda settings=None: connection)
+    monkeypatch.setenv("REDIS_URL", refused_redis_url)
+    connections.client_for.cache_clear()
     for name, value in FAST_RETRIES.items():
         monkeypatch.setenv(name, value)
     get_settings.cache_clear()
     yield connection
     connection.flushall()
     get_settings.cache_clear()
+    connections.client_for.cache_clear()
 
 
 @pytest.fixture

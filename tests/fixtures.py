@@ -67,3 +67,13 @@ def send_email_then_sleep(seconds: float, to: str, subject: str, body: str) -> d
     job.connection.incr(f"returned:{job.id}")
     time.sleep(seconds)
     return result
+
+
+def sleep_on_first_run(seconds: float) -> int:
+    """Sleep `seconds` on the job's first run only (`runs:<job id>` counts them); the count of runs."""
+    job = get_current_job()
+    assert job is not None, "runs as an RQ job"
+    runs = int(job.connection.incr(f"runs:{job.id}"))
+    if runs == 1:
+        time.sleep(seconds)
+    return runs

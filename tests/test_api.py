@@ -71,7 +71,7 @@ def test_generic_job_for_a_registered_task(client: TestClient, redis: Redis) -> 
 def test_unknown_task_is_422_listing_known_tasks_and_enqueues_nothing(client: TestClient, redis: Redis) -> None:
     response = client.post("/jobs", json={"task": "os.system", "kwargs": {"command": "touch /tmp/pwned"}})
     assert response.status_code == 422
-    assert response.json()["detail"]["known_tasks"] == ["await_completion", "noop", "send_email"]
+    assert response.json()["detail"]["known_tasks"] == ["await_completion", "noop", "purge_expired", "send_email"]
     assert redis.keys("rq:job:*") == []
 
 

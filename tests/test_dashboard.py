@@ -21,10 +21,9 @@ from rq.job import Job
 
 from dashboard import mount_dashboard
 from settings import get_settings
-from tests.helpers import ROOT, start_process, stop_process, wait_until
+from tests.helpers import start_process, stop_process, wait_until
 
 USER, PASSWORD = "admin", "s3cret-pass"
-SCREENSHOTS = ROOT / "var" / "screenshots"
 
 MakeDashboard = Callable[..., TestClient]
 
@@ -233,15 +232,16 @@ def test_dashboard_in_headless_chromium(chromium: str, api_url: str, redis: Redi
         for seconds in range(count):
             Queue(name, connection=redis).enqueue("tests.fixtures.sleep", seconds)
     base = api_url.replace("://", f"://{USER}:{PASSWORD}@") + "/rq"
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    screenshots = tmp_path / "screenshots"  # pytest keeps the last few runs' under its base temp folder
+    screenshots.mkdir()
 
-    queues_dom = _browse(chromium, f"{base}/", SCREENSHOTS / "dashboard-queues.png", tmp_path / "profile-1")
+    queues_dom = _browse(chromium, f"{base}/", screenshots / "dashboard-queues.png", tmp_path / "profile-1")
     assert _queue_counts(queues_dom) == {"high": (1, 0), "default": (2, 0), "low": (3, 1)}
 
-    job_page = SCREENSHOTS / "dashboard-failed-job.png"
+    job_page = screenshots / "dashboard-failed-job.png"
     job_dom = _browse(chromium, f"{base}/0/view/job/{failed.id}", job_page, tmp_path / "profile-2")
     assert failed.id in job_dom
     assert "Traceback (most recent call last)" in job_dom
     assert "PermanentError: recipient rejected" in job_dom
     assert job_page.stat().st_size > 10_000
-    print(f"screenshots: {SCREENSHOTS / 'dashboard-queues.png'} {job_page}")
+    print(f"screenshots: {screenshots / 'dashboard-queues.png'} {job_page}")

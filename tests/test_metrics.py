@@ -134,8 +134,10 @@ def test_histogram_buckets_are_cumulative(redis: Redis) -> None:
     assert total == pytest.approx(7200.403)
 
 
-def test_metrics_answer_503_when_redis_is_unavailable(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:9/0")  # nothing listens on the discard port
+def test_metrics_answer_503_when_redis_is_unavailable(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, refused_redis_url: str
+) -> None:
+    monkeypatch.setenv("REDIS_URL", refused_redis_url)
     get_settings.cache_clear()
     response = client.get("/metrics")
     assert response.status_code == 503 and "detail" in response.json()

@@ -27,8 +27,10 @@ def test_ready_with_a_worker(client: TestClient, worker: object) -> None:
     assert response.json() == {"status": "ok", "redis": "ok", "workers": 1}
 
 
-def test_not_ready_when_redis_does_not_answer(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:9/0")  # nothing listens on the discard port
+def test_not_ready_when_redis_does_not_answer(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, refused_redis_url: str
+) -> None:
+    monkeypatch.setenv("REDIS_URL", refused_redis_url)
     get_settings.cache_clear()
     response = client.get("/readyz")
     assert response.status_code == 503

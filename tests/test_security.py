@@ -4,13 +4,18 @@ Redis end to end, and the settings that production refuses."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
+import re
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import quote
 
+import httpx2 as httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -27,9 +32,10 @@ import metrics_hooks
 import queues
 import serve
 from dashboard import mount_dashboard
+from mailsink import free_port
 from security import ApiKeyMiddleware, BodyLimitMiddleware, key_matches
 from settings import DEFAULT_UNSUBSCRIBE_SECRET, DEFAULT_WEBHOOK_SECRET, Settings, get_settings
-from tests.helpers import start_process, stop_process, wait_until
+from tests.helpers import start_process, stop_process, wait_for_http, wait_until
 
 EMAIL = {"to": "ann@example.com", "subject": "Hi", "body": "Welcome"}
 IN_APP = {"user_id": "u42", "channels": ["in_app"], "title": "Hi", "body": "Welcome"}
@@ -356,6 +362,53 @@ def test_serve_never_prints_the_redis_password() -> None:
     assert serve.redacted("redis://localhost:6379/0") == "redis://localhost:6379/0"
 
 
+def test_the_redis_password_appears_in_no_output_and_no_answer_of_the_running_service(
+    password_redis: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve.py` on the password-protected Redis: its banner, every process's log lines, `/metrics`, the
+    dashboard, error answers, and what all of them say once Redis is killed."""
+    monkeypatch.setenv("LOG_FORMAT", "json")  # `_complained` reads the log lines' fields
+    port, log = free_port(), tmp_path / "serve.log"
+    args = ("--port", str(port), "--mail-port", str(free_port()), "--var", str(tmp_path / "var"))
+    with log.open("wb") as output:
+        service = start_process("serve.py", *args, output=output)
+    api, answers = f"http://127.0.0.1:{port}", []
+    try:
+        wait_for_http(f"{api}/healthz")
+        job = httpx.post(f"{api}/send-email", json=EMAIL).json()["job_id"]
+        wait_until(lambda: httpx.get(f"{api}/job/{job}").json()["status"] == "finished", 30, what="the email")
+        found = re.search(r"password '([^']+)' \(generated\)", log.read_text())
+        assert found, log.read_text()
+        dashboard = ("admin", found[1])
+        answers += [_answer("GET", f"{api}{path}") for path in ("/metrics", "/readyz", "/job/a!b", f"/job/{job}x")]
+        answers += [_answer("POST", f"{api}/jobs", json={"task": "nope"})]
+        answers += [_answer("GET", f"{api}/rq/{path}", auth=dashboard) for path in ("", "0/data/queues.json")]
+        with Redis.from_url(get_settings().redis_url) as connection:
+            os.kill(int(connection.info("server")["process_id"]), signal.SIGKILL)
+        answers += [_answer("GET", f"{api}/healthz"), _answer("POST", f"{api}/send-email", json=EMAIL)]
+        answers += [_answer("GET", f"{api}/rq/0/data/queues.json", auth=dashboard)]
+        wait_until(lambda: _complained(log.read_text()), 20, what="the worker and the scheduler to log the outage")
+    finally:
+        stop_process(service)
+    assert [answer[:3] for answer in answers[-3:]] == ["503"] * 3
+    searched = "\n".join([log.read_text(), *answers])
+    assert "Redis     redis://:***@127.0.0.1" in searched  # the banner
+    assert REDIS_PASSWORD not in searched and quote(REDIS_PASSWORD, safe="") not in searched
+
+
+def _complained(log: str) -> bool:
+    """Whether the worker (RQ's own line, or ours) and the scheduler logged that Redis is away."""
+    rq_worker = '"logger": "rq.worker"' in log and "could not connect to Redis" in log
+    scheduler = '"logger": "scheduler", "message": "redis unavailable' in log
+    return (rq_worker or '"worker", "message": "redis' in log) and scheduler
+
+
+def _answer(method: str, url: str, **options: Any) -> str:
+    """`<status> <body>` of one request."""
+    response = httpx.request(method, url, timeout=30, **options)
+    return f"{response.status_code} {response.text}"
+
+
 # Settings refused in production, and the run command
 
 
@@ -369,9 +422,10 @@ PRODUCTION = {
 
 
 @pytest.fixture
-def production(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    use_settings(monkeypatch, **PRODUCTION)
-    yield PRODUCTION
+def production(monkeypatch: pytest.MonkeyPatch, refused_redis_url: str) -> Iterator[dict[str, str]]:
+    """Production settings; `REDIS_URL` refuses connections (the machine's own Redis is never reached)."""
+    use_settings(monkeypatch, **PRODUCTION, REDIS_URL=refused_redis_url)
+    yield {**PRODUCTION, "REDIS_URL": refused_redis_url}
     get_settings.cache_clear()
 
 
@@ -448,3 +502,35 @@ def test_production_accepts_api_key_in_place_of_api_keys(
     monkeypatch.setenv("API_KEY", " ")
     with pytest.raises(ValidationError, match=r"ENVIRONMENT=production requires API_KEYS \(or API_KEY\)"):
         Settings(_env_file=None)
+
+
+PRODUCTION_ENTRY_POINTS = {
+    "worker.py": ("worker.py",),
+    "scheduler.py": ("scheduler.py",),
+    "uvicorn app:app": ("python", "-m", "uvicorn", "app:app", "--host", "127.0.0.1"),
+}
+UNSET = {"API_KEYS": "", "DASHBOARD_PASSWORD": "", "WEBHOOK_SECRET": DEFAULT_WEBHOOK_SECRET}
+"""Each secret as production refuses it: missing, or the public default webhook secret."""
+
+
+def test_production_entry_points_refuse_to_start_without_each_secret_naming_it(
+    production: dict[str, str], tmp_path: Path
+) -> None:
+    """Real processes, all started at once; the secrets they do have never appear in the refusal."""
+    leaky = {"SMTP_PASSWORD": "smtp-pw-Jr5Tq2", "REDIS_URL": production["REDIS_URL"].replace("//", "//:redis-pw-W7@")}
+    started = {}
+    for (entry, args), name in itertools.product(PRODUCTION_ENTRY_POINTS.items(), UNSET):
+        with (tmp_path / f"{entry}-{name}.log").open("wb") as log:
+            command = (*args, "--port", str(free_port())) if entry.startswith("uvicorn") else args
+            started[entry, name] = start_process(*command, env={**leaky, name: UNSET[name]}, output=log)
+    try:
+        codes = {key: process.wait(timeout=60) for key, process in started.items()}
+    finally:
+        for process in started.values():
+            stop_process(process)
+    for (entry, name), code in codes.items():
+        output = (tmp_path / f"{entry}-{name}.log").read_text()
+        assert code != 0, f"{entry} started without {name}"
+        assert f"ENVIRONMENT=production requires {name}" in output, (entry, output[-500:])
+        secrets = ["smtp-pw-Jr5Tq2", "redis-pw-W7", *(PRODUCTION[other] for other in UNSET if other != name)]
+        assert [secret for secret in secrets if secret in output] == [], (entry, name, output[-500:])

