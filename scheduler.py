@@ -168,10 +168,17 @@ class SchedulerLoop:
                     log.warning("redis unavailable (%s); retrying in %.1f s", type(exc).__name__, self.interval)
                 time.sleep(max(0.0, self.interval - (time.monotonic() - started)))
         finally:
+            self.leave()
+
+    def leave(self) -> None:
+        """Release the locks and leave RQ's scheduler registries; with Redis away they expire by themselves."""
+        try:
             self.retries.stop()
             self.delayed.register_death()
             with contextlib.suppress(SchedulerNotFound):  # its registry entry was cleaned up meanwhile
                 self.periodic.register_death()
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            log.warning("redis unavailable (%s) while stopping; its locks expire by themselves", type(exc).__name__)
 
     def stop(self, *_: object) -> None:
         self.stopping = True

@@ -112,3 +112,22 @@ def test_a_hung_redis_is_503_after_the_socket_timeout_and_the_api_recovers_when_
     wait_until(lambda: client.get("/healthz").status_code == 200, timeout=10, what="the API to recover")
     assert client.get(f"/job/{job_id}").json()["status"] == "queued"
     assert client.post("/send-email", json=EMAIL).status_code == 202
+
+
+def test_the_scheduler_stops_cleanly_while_redis_is_away(tmp_path: Path) -> None:
+    """SIGTERM with Redis dead: exit 0 with a warning, no traceback from leaving RQ's scheduler registries."""
+    own = OwnRedis()
+    own.start()
+    log = tmp_path / "scheduler.log"
+    try:
+        with log.open("wb") as output:
+            scheduler = start_process("scheduler.py", env={"REDIS_URL": own.url}, output=output)
+        wait_until(lambda: "Acquired scheduler lock" in log.read_text(), 20, what="the scheduler's first round")
+        own.kill()
+        wait_until(lambda: "redis unavailable" in log.read_text(), 20, what="the scheduler to notice")
+        scheduler.send_signal(signal.SIGTERM)
+        assert scheduler.wait(timeout=20) == 0, log.read_text()
+        assert "Traceback" not in log.read_text()
+    finally:
+        stop_process(scheduler)
+        shutil.rmtree(own.data, ignore_errors=True)
