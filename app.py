@@ -71,9 +71,9 @@ from schemas import (
     UserContact,
 )
 from security import DOCS_ASSETS_PATH, ApiKeyMiddleware, BodyLimitMiddleware, is_open
-from settings import get_settings
+from settings import get_settings, settings_or_exit
 
-setup_logging_from(get_settings())
+setup_logging_from(settings_or_exit())
 log = logging.getLogger("app")
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (400, 404, 409, 413, 422, 503)}

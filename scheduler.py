@@ -35,7 +35,7 @@ from rq_scheduler import Scheduler
 import cron
 import recovery
 from logs import setup_logging_from
-from settings import QUEUE_NAMES, Settings, get_settings
+from settings import QUEUE_NAMES, Settings, settings_or_exit
 from tasks import TASKS
 
 log = logging.getLogger("scheduler")
@@ -185,7 +185,7 @@ class SchedulerLoop:
 
 
 def main() -> None:
-    settings = get_settings()
+    settings = settings_or_exit()
     setup_logging_from(settings)
     connection = Redis.from_url(settings.redis_url)
     periodic = periodic_scheduler(connection, settings, cron.PERIODIC_JOBS.values())

