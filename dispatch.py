@@ -10,6 +10,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
+import limits
 import metrics
 import notifications
 import queues
@@ -56,7 +57,7 @@ def create_notification(request: NotificationRequest, correlation_id: str) -> No
         attempts = _max_attempts(channel)
         status = "scheduled" if due else "pending"
         deliveries.append(notifications.new_delivery(message, channel, attempts, status, record["expires_at"]))
-        jobs.append(_delivery_job(queue, message, channel, attempts))
+        jobs.append(_delivery_job(queue, message, channel, attempts, targets.get(channel)))
     with queues.transaction() as pipeline:
         notifications.write(pipeline, record, deliveries)
         for job in jobs:
@@ -66,14 +67,17 @@ def create_notification(request: NotificationRequest, correlation_id: str) -> No
     return _accepted(record, deliveries)
 
 
-def _delivery_job(queue: Any, message: Message, channel: str, attempts: int) -> Any:
+def _delivery_job(queue: Any, message: Message, channel: str, attempts: int, target: str | None) -> Any:
+    """The delivery's job, with the concurrency limit of its destination (`limits`)."""
+    settings = get_settings()
     meta = {"task": f"deliver_{channel}", "correlation_id": message.correlation_id}
-    retry = queues.retry_policy(get_settings(), retries=attempts - 1)
+    retry = queues.retry_policy(settings, retries=attempts - 1)
     return queue.create_job(
         tasks.deliver_notification,
         kwargs={"delivery_id": message.delivery_id},
         job_id=message.delivery_id,
         meta=meta,
+        rate_limit=limits.for_channel(channel, target, settings),
         **queues.job_options(retry),
     )
 

@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     )
     webhook_timeout_seconds: float = Field(10.0, gt=0)
     webhook_allow_private: bool = Field(False, description="allow private, loopback and link-local targets")
+    webhook_host_concurrency: int = Field(
+        4, ge=1, description="deliveries to one webhook host at a time (queued or running); the rest wait"
+    )
+    smtp_concurrency: int = Field(8, ge=1, description="deliveries to the SMTP server at a time; the rest wait")
     inbox_size: int = Field(100, ge=1, description="in-app notifications kept per user")
 
     schedule_horizon_days: int = Field(30, ge=1, description="send_at further ahead than this is refused")
