@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     worker_class: Literal["simple", "fork"] = Field(
         "simple", description="simple: jobs run in the worker process; fork: a fresh process per job (RQ's Worker)"
     )
+    worker_threads: int = Field(
+        1,
+        ge=1,
+        description="jobs each simple worker process runs at once, in threads; deliveries in flight per host ="
+        " WORKER_COUNT x WORKER_THREADS (network-bound jobs wait, so more threads than cores pay)",
+    )
     worker_max_jobs: int = Field(1000, ge=1, description="a simple worker process is replaced after this many jobs")
     worker_max_memory_mib: int = Field(512, ge=16, description="... or once its resident memory exceeds this")
     api_workers: int = Field(2, ge=1, description="uvicorn worker processes of the API (one per core)")

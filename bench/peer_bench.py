@@ -80,6 +80,8 @@ class Setup:
     """dramatiq, huey, celery; or `project` for worker.py."""
     command: list[str]
     pending: Pending
+    env: tuple[tuple[str, str], ...] = ()
+    """Settings of this set-up, for its workers and for the enqueueing here."""
 
 
 def setups(python: Path) -> dict[str, Setup]:
@@ -90,6 +92,7 @@ def setups(python: Path) -> dict[str, Setup]:
     celery += ["--concurrency", "1", "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "warning"]
     huey = [str(bin_dir / "huey_consumer"), "bench.peers.huey_tasks.huey", "-w", "1", "-k", "thread"]
     one_process = ["--processes", "1", "--threads"]
+    uncapped = (*THREADS_8, ("SMTP_CONCURRENCY", "16"))
     found = [
         Setup("dramatiq, 1 process, 8 threads", "dramatiq", [*dramatiq, *one_process, "8"], _dramatiq_pending),
         Setup("dramatiq, 1 process, 1 thread", "dramatiq", [*dramatiq, *one_process, "1"], _dramatiq_pending),
@@ -98,6 +101,8 @@ def setups(python: Path) -> dict[str, Setup]:
         Setup("celery prefork, concurrency 1", "celery", celery, _celery_pending),
         Setup("worker.py --processes 1", "project", [sys.executable, "worker.py", "--processes", "1"], _rq_pending),
         Setup("worker.py, default set-up", "project", [sys.executable, "worker.py"], _rq_pending),
+        Setup(THREADED, "project", [sys.executable, "worker.py"], _rq_pending, THREADS_8),
+        Setup(UNCAPPED, "project", [sys.executable, "worker.py"], _rq_pending, uncapped),
     ]
     return {setup.name: setup for setup in found}
 
@@ -109,12 +114,19 @@ NOOP_SETUPS = (
     "celery prefork, concurrency 1",
     "worker.py --processes 1",
 )
+THREADS_8 = (("WORKER_THREADS", "8"),)
+THREADED = "worker.py, WORKER_THREADS=8"
+"""The default 2 processes, each running 8 jobs at once: the 16 deliveries in flight of dramatiq's defaults."""
+UNCAPPED = "worker.py, WORKER_THREADS=8, SMTP_CONCURRENCY=16"
+"""The same with the SMTP server's limit at 16, as dramatiq has none."""
 EMAIL_SETUPS = (
     "dramatiq, its defaults",
     "dramatiq, 1 process, 8 threads",
     "huey, 1 worker thread",
     "celery prefork, concurrency 1",
     "worker.py, default set-up",
+    THREADED,
+    UNCAPPED,
 )
 
 
@@ -189,8 +201,8 @@ def _enqueue_project(task: str, count: int) -> None:
 def drain(stack: Stack, python: Path, setup: Setup, task: str, count: int, cap: float) -> Drained:
     """Queue `count` jobs, start the set-up, measure from its first job done to its last (or `cap` s)."""
     stack.flush()
-    enqueue(stack, python, setup, task, count)
-    with stack.redis() as connection:
+    with settings_of(setup), stack.redis() as connection:
+        enqueue(stack, python, setup, task, count)
         process = stack.spawn(setup.name, setup.command)
         try:
             return _measure(connection, setup, process.pid, count, cap)
@@ -223,6 +235,27 @@ def _measure(connection: Redis, setup: Setup, pid: int, count: int, cap: float) 
 
 
 @contextmanager
+def settings_of(setup: Setup) -> Iterator[None]:
+    """The set-up's settings in this process's environment (and so its children's) while it runs."""
+    saved = {name: os.environ.get(name) for name, _ in setup.env}
+    os.environ.update(dict(setup.env))
+    _reset_settings()
+    try:
+        yield
+    finally:
+        _restore(saved)
+
+
+def _restore(saved: dict[str, str | None]) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _reset_settings()
+
+
+@contextmanager
 def slow_sink() -> Iterator[int]:
     """An SMTP sink holding each message `SMTP_HOLD_SECONDS`; its port, also in the children's env."""
     sink = mailsink.MailSink()
@@ -235,12 +268,7 @@ def slow_sink() -> Iterator[int]:
         yield int(controller.port)
     finally:
         controller.stop()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        _reset_settings()
+        _restore(saved)
 
 
 def _reset_settings() -> None:
