@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import limits
 import metrics
 import notifications
 import preferences
@@ -64,7 +65,7 @@ def create_notification(request: NotificationRequest, correlation_id: str) -> No
         skipped = preferences.skip_reason(wishes, request.topic, channel, request.required)
         deliveries.append(_delivery_record(message, channel, attempts, record, skipped))
         if not skipped:
-            jobs.append(_delivery_job(queue, message, channel, attempts))
+            jobs.append(_delivery_job(queue, message, channel, attempts, targets.get(channel)))
     with queues.transaction() as pipeline:
         notifications.write(pipeline, record, deliveries)
         for job in jobs:
@@ -102,14 +103,17 @@ def _count(pipeline: Any, deliveries: list[dict[str, Any]]) -> None:
             metrics.NOTIFICATIONS_DELIVERED.inc(pipeline, delivery["channel"], "skipped")
 
 
-def _delivery_job(queue: Any, message: Message, channel: str, attempts: int) -> Any:
+def _delivery_job(queue: Any, message: Message, channel: str, attempts: int, target: str | None) -> Any:
+    """The delivery's job, with the concurrency limit of its destination (`limits`)."""
+    settings = get_settings()
     meta = {"task": f"deliver_{channel}", "correlation_id": message.correlation_id}
-    retry = queues.retry_policy(get_settings(), retries=attempts - 1)
+    retry = queues.retry_policy(settings, retries=attempts - 1)
     return queue.create_job(
         tasks.deliver_notification,
         kwargs={"delivery_id": message.delivery_id},
         job_id=message.delivery_id,
         meta=meta,
+        rate_limit=limits.for_channel(channel, target, settings),
         **queues.job_options(retry),
     )
 

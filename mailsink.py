@@ -30,17 +30,29 @@ class MailSink:
         """The client address of each message's SMTP session, in order."""
         self.maildir = maildir
         self.echo = echo
-        self.delay_seconds = 0.0
-        """How long each message is held before it is answered, as a slow server would."""
         self._replies: deque[str] = deque()
         self._received = threading.Condition()
+        self.hold = 0.0
+        """Seconds each message is held before it is answered, as a slow server would."""
+        self.in_flight = 0
+        """Messages being held right now (sessions run concurrently on the sink's event loop)."""
+        self.max_in_flight = 0
+        """The most messages held at once since the start."""
 
     def fail_next(self, count: int, reply: str = "451 4.3.0 Try again later") -> None:
         self._replies.extend([reply] * count)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        if self.delay_seconds:
-            await asyncio.sleep(self.delay_seconds)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.hold:
+                await asyncio.sleep(self.hold)
+            return self._accept(session, envelope)
+        finally:
+            self.in_flight -= 1
+
+    def _accept(self, session: Session, envelope: Envelope) -> str:
         if self._replies:
             return self._replies.popleft()
         raw = envelope.original_content or b""
@@ -86,8 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8025)
     parser.add_argument("--maildir", type=Path, default=Path("var/mail"))
+    parser.add_argument("--hold", type=float, default=0.0, help="seconds to hold each message (a slow server)")
     args = parser.parse_args(argv)
-    controller = start(MailSink(args.maildir, echo=True), args.host, args.port)
+    sink = MailSink(args.maildir, echo=True)
+    sink.hold = args.hold
+    controller = start(sink, args.host, args.port)
     print(f"SMTP sink on {args.host}:{args.port}, saving mail to {args.maildir}/", flush=True)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -27,6 +27,7 @@ from rq.results import Result
 from rq.utils import get_call_string
 
 import connections
+import limits
 import metrics
 import metrics_hooks
 from exceptions import JobNotFoundError, JobStateError, PermanentError, QueueFullError, ServiceError, UnknownTaskError
@@ -34,7 +35,7 @@ from schemas import JobAccepted, JobError, JobView, Priority
 from settings import QUEUE_NAMES, Settings, get_settings
 from tasks import TASKS, Task
 
-CANCELABLE = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED}
+CANCELABLE = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.RATE_LIMITED}
 DELAYED_JOBS_KEY = "rq:scheduler:scheduled_jobs"
 """rq-scheduler's sorted set of delayed jobs, scored by due time (Unix seconds, kept with fractions)."""
 
@@ -149,6 +150,8 @@ def enqueue_task(name: str, kwargs: dict[str, Any], priority: Priority = "defaul
     job = _created(queue, task, name, arguments)
     with transaction() as pipeline:
         _write(queue, job, task, due, pipeline)
+    if job.get_status(refresh=False) == JobStatus.RATE_LIMITED:
+        job.get_status(refresh=True)  # promoted in the transaction if its key had a free slot
     return job
 
 
@@ -167,8 +170,10 @@ async def enqueue_task_async(
     job = _created(queue, task, name, arguments)
     recorder = get_redis().pipeline()  # never executed: RQ writes its commands here, for the replay
     recorder.multi()
-    _write(queue, job, task, due, recorder)
+    _write(queue, job, task, due, recorder, recorded=True)
     await connections.execute_async(recorder)
+    if job.get_status(refresh=False) == JobStatus.RATE_LIMITED:
+        await limits.promote_async(connections.async_redis_client(), job)
     return job
 
 
@@ -187,15 +192,19 @@ def _checked(
 
 
 def _created(queue: Queue, task: Task, name: str, arguments: dict[str, Any]) -> Job:
-    options = job_options(retry_policy(get_settings()))
-    return queue.create_job(task.func, kwargs=arguments, meta={"task": name}, **options)
+    settings = get_settings()
+    options = job_options(retry_policy(settings))
+    rate_limit = limits.for_smtp(settings) if name == "send_email" else None
+    return queue.create_job(task.func, kwargs=arguments, meta={"task": name}, rate_limit=rate_limit, **options)
 
 
-def _write(queue: Queue, job: Job, task: Task, due: datetime | None, pipeline: Pipeline) -> None:
+def _write(
+    queue: Queue, job: Job, task: Task, due: datetime | None, pipeline: Pipeline, recorded: bool = False
+) -> None:
     if task.waits:
         park(queue, job, pipeline)
     else:
-        submit(queue, job, due, pipeline)
+        submit(queue, job, due, pipeline, recorded)
 
 
 def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> list[str]:
@@ -211,6 +220,8 @@ def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> list[s
     ensure_capacity(queue)
     model = _created(queue, TASKS["send_email"], "send_email", messages[0])
     queue._prepare_for_queue(model)  # what `enqueue_job` sets before saving: origin, enqueued_at, status
+    if model.has_rate_limit:
+        model._status = JobStatus.RATE_LIMITED  # each waits for its slot: `limits.submit_many`
     ids, copy = [str(uuid4()) for _ in messages], queue.get_redis_server_version() >= (6, 2, 0)
     with transaction() as pipeline:
         template: dict[Any, Any] = model.to_dict()
@@ -223,7 +234,10 @@ def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> list[s
             pipeline.hset(model.key_for(job_id), mapping=own if copy else {**template, **own})
         pipeline.delete(model.key)
         pipeline.sadd(queue.redis_queues_keys, queue.key)
-        pipeline.rpush(queue.key, *ids)
+        if model.has_rate_limit:
+            limits.submit_many(queue, model, ids, pipeline)
+        else:
+            pipeline.rpush(queue.key, *ids)
         metrics.jobs_submitted(pipeline, "send_email", len(ids))
     return ids
 
@@ -264,13 +278,18 @@ def job_options(retry: Retry | None) -> dict[str, Any]:
     }
 
 
-def submit(queue: Queue, job: Job, due: datetime | None, pipeline: Pipeline) -> None:
+def submit(queue: Queue, job: Job, due: datetime | None, pipeline: Pipeline, recorded: bool = False) -> None:
     """Add a created job to `pipeline`: onto its queue now, or to rq-scheduler's set when `due`.
 
     rq-scheduler's own `enqueue_at` would drop the job's `Retry`, so the job is written here, and the
     caller's transaction makes the job and its place in the queue or schedule appear together.
+    A job with a per-destination limit (`limits`) waits for its slot instead (`recorded`: `pipeline`
+    is replayed by a script, and the caller asks for the slot after it, `limits.promote_async`).
     """
     metrics.job_submitted(pipeline, job)
+    if due is None and job.has_rate_limit:
+        (limits.submit_recorded if recorded else limits.submit)(queue, job, pipeline)
+        return
     if due is None:
         queue.enqueue_job(job, pipeline=pipeline)
         _count_own_enqueue(queue.name)

@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     worker_class: Literal["simple", "fork"] = Field(
         "simple", description="simple: jobs run in the worker process; fork: a fresh process per job (RQ's Worker)"
     )
+    worker_threads: int = Field(
+        1,
+        ge=1,
+        description="jobs each simple worker process runs at once, in threads; deliveries in flight per host ="
+        " WORKER_COUNT x WORKER_THREADS (network-bound jobs wait, so more threads than cores pay)",
+    )
     worker_max_jobs: int = Field(1000, ge=1, description="a simple worker process is replaced after this many jobs")
     worker_max_memory_mib: int = Field(512, ge=16, description="... or once its resident memory exceeds this")
     api_workers: int = Field(2, ge=1, description="uvicorn worker processes of the API (one per core)")
@@ -88,6 +94,10 @@ class Settings(BaseSettings):
         pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
         description="where recipients reach the API: the start of the unsubscribe links in email",
     )
+    webhook_host_concurrency: int = Field(
+        4, ge=1, description="deliveries to one webhook host at a time (queued or running); the rest wait"
+    )
+    smtp_concurrency: int = Field(8, ge=1, description="deliveries to the SMTP server at a time; the rest wait")
     inbox_size: int = Field(100, ge=1, description="in-app notifications kept per user")
     inbox_retention_days: int = Field(
         90, ge=1, description="the daily purge_expired job removes in-app notifications older than this"

@@ -36,15 +36,17 @@ import tasks  # noqa: F401  # imported once here, before forking: each process w
 from logs import setup_logging_from
 from recovery import RecoveringSimpleWorker, RecoveringWorker
 from settings import QUEUE_NAMES, get_settings, settings_or_exit
+from threaded import ThreadedWorker
 
 log = logging.getLogger("worker")
 RESTART_DELAY_SECONDS = 2
 
 
-def worker_class(platform: str | None = None, kind: str | None = None) -> type[BaseWorker]:
-    """`SimpleWorker` on Windows and by default; the forking `Worker` with WORKER_CLASS=fork."""
+def worker_class(platform: str | None = None, kind: str | None = None, threads: int | None = None) -> type[BaseWorker]:
+    """`SimpleWorker` on Windows and by default, running WORKER_THREADS jobs at once (`ThreadedWorker`)
+    when that is over 1; the forking `Worker` with WORKER_CLASS=fork."""
     if (platform or sys.platform) == "win32" or (kind or get_settings().worker_class) == "simple":
-        return RecoveringSimpleWorker
+        return ThreadedWorker if (threads or get_settings().worker_threads) > 1 else RecoveringSimpleWorker
     return RecoveringWorker
 
 
@@ -62,6 +64,8 @@ def build_worker(connection: Redis | None = None) -> BaseWorker:
     if isinstance(built, RecoveringSimpleWorker):
         built.max_jobs_per_process = settings.worker_max_jobs
         built.max_memory_mib = settings.worker_max_memory_mib
+    if isinstance(built, ThreadedWorker):
+        built.set_threads(settings.worker_threads)
     return built
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import api, jobs, outage
+from bench import api, jobs, outage, peer_bench
 from bench.report import Row, table
 from bench.stack import Stack, api_command, http_ok, rss_mib, running
 from mailsink import free_port
@@ -52,10 +52,13 @@ class Config:
     emails: int
     emails_cap: float
     scheduled_jobs: int
+    peer_jobs: int = 1000
+    peer_emails: int = 200
+    peer_cap: float = 20.0
 
 
 FULL = Config(3, 8, 2000, 300, 5.0, 200, 5.0, 300, 8.0, 50)
-QUICK = Config(2, 3, 1000, 100, 3.0, 50, 3.0, 100, 5.0, 20)
+QUICK = Config(2, 3, 1000, 100, 3.0, 50, 3.0, 100, 5.0, 20, peer_jobs=500, peer_emails=100, peer_cap=10.0)
 
 
 def make_rows(config: Config) -> dict[str, Row]:
@@ -92,7 +95,7 @@ def make_rows(config: Config) -> dict[str, Row]:
         rows[f"p50 {kind}"] = Row(f"{kind}, {source} jobs: p50", "ms", f"{base}: p50", target)
         rows[f"p99 {kind}"] = Row(f"{kind}, {source} jobs: p99", "ms", f"{base}: p99")
         rows[f"rss {kind}"] = Row(f"{kind}, idle", "MiB", idle)
-    return rows
+    return rows | peer_bench.make_rows()
 
 
 SECTIONS = {
@@ -112,7 +115,12 @@ SECTIONS = {
     ),
     "6. Memory, VmRSS": ("rss api", *(f"rss {kind}" for kind, _ in LATENCIES)),
     "7. Failures answered in time, each run's slowest (bench.outage)": ("503 killed", "503 hung", "webhook timeout"),
+    "8. Peers and delivery capacity, same Valkey, same run (bench.peer_bench)": peer_bench.SECTION_KEYS,
 }
+
+
+ONLY = {"peers": "8."}
+"""`--only` choices: the title prefix of the section each measures."""
 
 
 def progress(message: str) -> None:
@@ -297,10 +305,17 @@ def run_all(stack: Stack, config: Config, rows: dict[str, Row]) -> None:
     measure_emails(stack, rows, config)
     measure_scheduling(stack, rows, config)
     measure_outage(stack, rows, config)
+    measure_peers(stack, rows, config)
 
 
-def render(header: list[str], rows: dict[str, Row], seconds: float) -> str:
-    sections = {title: [rows[key] for key in keys] for title, keys in SECTIONS.items()}
+def measure_peers(stack: Stack, rows: dict[str, Row], config: Config) -> None:
+    progress(f"peers: {config.runs} runs of no-op jobs and slow-SMTP emails on each set-up")
+    peer_bench.measure(stack, rows, config.runs, config.peer_jobs, config.peer_emails, config.peer_cap)
+
+
+def render(header: list[str], rows: dict[str, Row], seconds: float, only: str | None = None) -> str:
+    chosen = {title: keys for title, keys in SECTIONS.items() if only is None or title.startswith(ONLY[only])}
+    sections = {title: [rows[key] for key in keys] for title, keys in chosen.items()}
     footer = "ratio = median / baseline's median; met: the target against the median (sections 5 and 7:"
     footer += f" the worst run); total {seconds:.0f} s"
     return "\n".join([*header, "", table(sections), "", footer])
@@ -309,14 +324,19 @@ def render(header: list[str], rows: dict[str, Row], seconds: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 runs, shorter loads and caps")
-    config = QUICK if parser.parse_args(argv).quick else FULL
+    parser.add_argument("--only", choices=sorted(ONLY), help="measure this section only")
+    options = parser.parse_args(argv)
+    config = QUICK if options.quick else FULL
     rows, started = make_rows(config), time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     with running(workdir) as stack:
         progress(f"Valkey, SMTP sink and API up; logs in {workdir} (removed after a successful run)")
         header = describe(stack, config)
-        run_all(stack, config, rows)
-    print(render(header, rows, time.perf_counter() - started), flush=True)
+        if options.only == "peers":
+            measure_peers(stack, rows, config)
+        else:
+            run_all(stack, config, rows)
+    print(render(header, rows, time.perf_counter() - started, options.only), flush=True)
     shutil.rmtree(workdir, ignore_errors=True)
 
 

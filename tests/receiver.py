@@ -1,7 +1,8 @@
 """A real HTTP server that records webhook requests, and the receiver side of Standard Webhooks.
 
 `Receiver` listens on 127.0.0.1 (a free port) in a thread, records every request, answers 200, or
-the status queued with `fail_next`, after an optional `delay`. `verify_signature` checks a request
+the status queued with `fail_next`, after an optional `delay`, and counts how many requests it holds
+at once (`max_in_flight`). `verify_signature` checks a request
 as a receiver would, written from the specification rather than from `channels.webhook`.
 """
 
@@ -55,6 +56,10 @@ class Receiver:
         self._released = threading.Event()
         self.delay = 0.0
         """Seconds to wait before answering; `stop()` cuts the wait short."""
+        self.in_flight = 0
+        """Requests being held (read, not yet answered) right now."""
+        self.max_in_flight = 0
+        """The most requests held at once since the start."""
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.receiver = self
         if tls is not None:
@@ -107,8 +112,15 @@ class Receiver:
             return self._failures.pop(0) if self._failures else None
 
     def _hold(self) -> None:
-        if self.delay:
-            self._released.wait(self.delay)
+        with self._condition:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                self._released.wait(self.delay)
+        finally:
+            with self._condition:
+                self.in_flight -= 1
 
 
 class _Server(ThreadingHTTPServer):

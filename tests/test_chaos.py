@@ -195,7 +195,7 @@ def test_sigterm_stops_an_idle_worker(redis: Redis, processes: StartProcess) -> 
 def test_chaos_loses_no_job(monkeypatch: pytest.MonkeyPatch, smtp: MailSink, redis: Redis) -> None:
     """150 emails, 2 workers, 3 of them SIGKILLed with their horses (recovery sped up for the test)."""
     _fast_recovery(monkeypatch)
-    smtp.delay_seconds = 0.05  # the 150 jobs outlast 3 kills 0.7 s apart however fast the workers drain
+    smtp.hold = 0.05  # the 150 jobs outlast 3 kills 0.7 s apart however fast the workers drain
     report = chaos.run(smtp, jobs=150, workers=2, kill_every=0.7, max_kills=3, max_seconds=50, seed=7)
     print("\n".join(report.lines()))
     assert report.kills == 3

@@ -1,0 +1,85 @@
+"""`ThreadedWorker`: one worker process runs WORKER_THREADS jobs at once, each an RQ execution of its own,
+against a real receiver that counts the requests it holds at once; warm shutdown; job timeouts in threads."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+from rq.registry import FinishedJobRegistry
+
+from settings import get_settings
+from tests.conftest import StartProcess
+from tests.helpers import wait_until
+from tests.receiver import Receiver
+
+NOTE = {"user_id": "u9", "title": "Order shipped", "body": "On its way."}
+
+
+@pytest.fixture
+def threads(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> int:
+    """Four threads per worker process, here and in the workers."""
+    monkeypatch.setenv("WORKER_THREADS", "4")
+    env["WORKER_THREADS"] = "4"
+    get_settings.cache_clear()
+    return 4
+
+
+def _webhooks(client: TestClient, url: str, count: int) -> list[str]:
+    ids = []
+    for _ in range(count):
+        answer: dict[str, Any] = client.post(
+            "/notifications", json={**NOTE, "channels": ["webhook"], "webhook_url": url}
+        ).json()
+        ids.append(answer["deliveries"][0]["job_id"])
+    return ids
+
+
+def _status(client: TestClient, job_id: str) -> str:
+    return str(client.get(f"/job/{job_id}").json()["status"])
+
+
+def test_one_process_runs_its_threads_jobs_at_once_each_in_the_registries(
+    client: TestClient, webhooks: Receiver, threads: int, processes: StartProcess, redis: Redis
+) -> None:
+    webhooks.delay = 0.5
+    ids = _webhooks(client, webhooks.url, 8)
+    processes("worker.py", "--processes", "1", wait_for_workers=1)
+    wait_until(lambda: all(_status(client, job_id) == "finished" for job_id in ids), timeout=60, what="deliveries")
+    assert webhooks.max_in_flight == threads
+    assert set(FinishedJobRegistry("default", connection=redis).get_job_ids()) == set(ids)
+
+
+def test_warm_shutdown_lets_the_running_jobs_finish(
+    client: TestClient, webhooks: Receiver, threads: int, processes: StartProcess
+) -> None:
+    webhooks.delay = 1.5
+    ids = _webhooks(client, webhooks.url, 2)
+    worker = processes("worker.py", "--processes", "1", wait_for_workers=1)
+    wait_until(lambda: webhooks.in_flight == 2, timeout=30, what="both deliveries held by the receiver")
+    os.killpg(worker.pid, signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    assert [_status(client, job_id) for job_id in ids] == ["finished", "finished"]
+
+
+def test_a_job_over_its_timeout_fails_in_its_thread(
+    client: TestClient,
+    webhooks: Receiver,
+    threads: int,
+    processes: StartProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+) -> None:
+    for name, value in {"JOB_TIMEOUT_SECONDS": "1", "WEBHOOK_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(name, value)
+        env[name] = value
+    get_settings.cache_clear()
+    webhooks.delay = 5
+    (job_id,) = _webhooks(client, webhooks.url, 1)
+    processes("worker.py", "--processes", "1", wait_for_workers=1)
+    wait_until(lambda: _status(client, job_id) == "failed", timeout=30, what="the job to time out")
+    assert client.get(f"/job/{job_id}").json()["error"]["type"] == "JobTimeoutException"
