@@ -43,6 +43,7 @@ SECRETS = {
     "WEBHOOK_SECRET": f"whsec_{WEBHOOK_KEY}",
     "API_KEYS": "api-key-Vb8Nw3,api-key-Tc5Hy6",
     "DASHBOARD_PASSWORD": "dash-pw-Lf2Gs8",
+    "UNSUBSCRIBE_SECRET": "unsub-secret-Pk4Dm9",
 }
 SECRET_VALUES = [*SECRETS.values(), WEBHOOK_KEY, "api-key-Vb8Nw3", "api-key-Tc5Hy6"]
 REQUIRED = {"ts", "level", "logger", "message"}
