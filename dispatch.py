@@ -29,6 +29,7 @@ class Content:
     payload: dict[str, Any]
 
 
+@queues.accepting
 def create_notification(request: NotificationRequest, correlation_id: str) -> NotificationAccepted:
     connection = queues.get_redis()
     contents = _contents(request)
@@ -139,6 +140,7 @@ def get_notification(notification_id: str) -> NotificationView | None:
     return notifications.view(*found) if found else None
 
 
+@queues.accepting
 def cancel_notification(notification_id: str) -> NotificationView | None:
     """Cancel every delivery not yet sent; one being sent right now finishes."""
     connection = queues.get_redis()
@@ -155,6 +157,7 @@ def cancel_notification(notification_id: str) -> NotificationView | None:
     return get_notification(notification_id)
 
 
+@queues.accepting
 def retry_delivery(notification_id: str, channel: str) -> NotificationView | None:
     """Manual retry of a failed delivery, with a fresh attempt budget."""
     connection = queues.get_redis()

@@ -23,6 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.scheduler import RQScheduler
 from rq_scheduler import Scheduler
 
+import connections
 import recovery
 from logs import setup_logging
 from settings import QUEUE_NAMES, get_settings
@@ -94,7 +95,7 @@ def main() -> None:
     settings = get_settings()
     setup_logging(settings.log_level)
     loop = SchedulerLoop(
-        Redis.from_url(settings.redis_url), settings.scheduler_interval_seconds, settings.recovery_sweep_seconds
+        connections.settings_client(settings), settings.scheduler_interval_seconds, settings.recovery_sweep_seconds
     )
     signal.signal(signal.SIGTERM, loop.stop)
     signal.signal(signal.SIGINT, loop.stop)
