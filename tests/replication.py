@@ -48,6 +48,11 @@ class ReplicaSet:
     sentinel_nodes: list[Node] = field(default_factory=list)
 
     @property
+    def direct_url(self) -> str:
+        """A plain `redis://` URL of the first primary (for a set without sentinels)."""
+        return f"redis://{self.host}:{self.nodes[0].port}/0"
+
+    @property
     def url(self) -> str:
         """The service's `REDIS_URL` for this set."""
         hosts = ",".join(f"{self.host}:{node.port}" for node in self.sentinel_nodes)
@@ -69,6 +74,7 @@ class ReplicaSet:
         folder.mkdir(parents=True, exist_ok=True)
         args = ["--bind", self.host, "--port", str(port), "--dir", str(folder), "--save", "", "--appendonly", "no"]
         args += ["--notify-keyspace-events", KEYSPACE_EVENTS, "--maxmemory-policy", "noeviction"]
+        args += ["--repl-diskless-sync-delay", "0"]  # a replica syncs at once, not after 5 s
         args += ["--logfile", str(folder / "server.log"), *extra]
         return Node(name, port, self._spawn(args))
 
@@ -99,7 +105,10 @@ class ReplicaSet:
         return Sentinel(hosts, sentinel_kwargs={"socket_timeout": 1, "socket_connect_timeout": 1}, socket_timeout=1)
 
     def primary_port(self) -> int | None:
-        """The primary's port as the sentinels report it; None while none knows."""
+        """The primary's port as the sentinels report it (without sentinels, the first node's); None
+        while none knows."""
+        if not self.sentinel_nodes:
+            return self.nodes[0].port
         try:
             return int(self.sentinel().discover_master(MASTER_NAME)[1])
         except RedisError:
@@ -118,7 +127,9 @@ class ReplicaSet:
         port = self.primary_port()
         try:
             primary = next(node for node in self.nodes if node.port == port)
-            if self.client(primary).info("replication").get("connected_slaves", 0) < len(alive) - 1:
+            replication = self.client(primary).info("replication")
+            online = [key for key, value in replication.items() if key.startswith("slave") and _online(value)]
+            if len(online) < len(alive) - 1:
                 return False
             for node in self.sentinel_nodes:
                 with Redis(self.host, node.port, socket_timeout=1) as sentinel:
@@ -142,3 +153,7 @@ class ReplicaSet:
             with contextlib.suppress(ProcessLookupError):
                 node.process.kill()
             node.process.wait()
+
+
+def _online(replica: object) -> bool:
+    return isinstance(replica, dict) and replica.get("state") == "online"
