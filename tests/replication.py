@@ -75,6 +75,7 @@ class ReplicaSet:
         args = ["--bind", self.host, "--port", str(port), "--dir", str(folder), "--save", "", "--appendonly", "no"]
         args += ["--notify-keyspace-events", KEYSPACE_EVENTS, "--maxmemory-policy", "noeviction"]
         args += ["--repl-diskless-sync-delay", "0"]  # a replica syncs at once, not after 5 s
+        args += ["--protected-mode", "no"]  # bound to `host` only; in the host tests, not loopback
         args += ["--logfile", str(folder / "server.log"), *extra]
         return Node(name, port, self._spawn(args))
 
@@ -85,7 +86,7 @@ class ReplicaSet:
         config = folder / "sentinel.conf"
         quorum = self.sentinels // 2 + 1
         config.write_text(
-            f"bind {self.host}\nport {port}\ndir {folder}\nlogfile {folder / 'sentinel.log'}\n"
+            f"bind {self.host}\nport {port}\nprotected-mode no\ndir {folder}\nlogfile {folder / 'sentinel.log'}\n"
             f"sentinel monitor {MASTER_NAME} {self.host} {primary} {quorum}\n"
             f"sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n"
             f"sentinel failover-timeout {MASTER_NAME} 10000\n"
