@@ -9,15 +9,10 @@ Recovery settings are short (heartbeat 1 s, grace 2 s, sweep 1 s) so that the gr
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import httpx2
 import pytest
@@ -25,29 +20,13 @@ from redis import Redis
 from rq import Queue, Retry, Worker
 from rq.job import Job, JobStatus
 
-import connections
 from tests import hosttasks
-from tests.helpers import ROOT, stop_process, wait_until
+from tests.helpers import stop_process, wait_until
+from tests.multihost import SETTINGS, WORKER_HOSTS, Cluster, Load, post_job, start_api, statuses
 from tests.netns import Network, unavailable_reason
 from tests.replication import ReplicaSet
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
-T = TypeVar("T")
-RETRY_PAUSE_SECONDS = 0.05
-WORKER_HOSTS = ("w1", "w2", "w3")
-SETTINGS = {
-    "ENVIRONMENT": "local",
-    "WORKER_COUNT": "1",
-    "JOB_HEARTBEAT_SECONDS": "1",
-    "JOB_HEARTBEAT_GRACE_SECONDS": "2",
-    "RECOVERY_SWEEP_SECONDS": "1",
-    "WORKER_MAINTENANCE_INTERVAL_SECONDS": "1",
-    "WORKER_TTL_SECONDS": "5",
-    "RETRY_MAX": "3",
-    "RETRY_BASE_SECONDS": "1",
-    "RETRY_CAP_SECONDS": "1",
-    "LOG_LEVEL": "WARNING",
-}
 
 
 @pytest.fixture(scope="module")
@@ -59,49 +38,6 @@ def network() -> Iterator[Network]:
         yield net
     finally:
         net.close()
-
-
-@dataclass
-class Cluster:
-    network: Network
-    workdir: Path
-    nodes: ReplicaSet
-    client: ThreadPoolExecutor
-    env: dict[str, str] = field(default_factory=dict)
-    processes: list[Any] = field(default_factory=list)
-
-    @property
-    def api_url(self) -> str:
-        return f"http://{self.network.hosts['api'].address}:8000"
-
-    def start(self, host: str, *args: str, **env: str) -> None:
-        log = self.workdir / f"{host}-{Path(args[0]).stem}.log"
-        command = [sys.executable, *args]
-        self.processes.append(self.network.hosts[host].spawn(command, {**self.env, **env}, log, ROOT))
-
-    def start_workers(self, *hosts: str) -> None:
-        for host in hosts:
-            self.start(host, "worker.py", TEST_HOST=host)
-        self.on_client(lambda: wait_until(lambda: self.worker_hosts().keys() >= set(hosts), 30, 0.1, "workers"))
-
-    def on_client(self, function: Callable[[], T]) -> T:
-        """Run `function` on the client host (every connection it opens starts there)."""
-        return self.client.submit(function).result()
-
-    def redis(self) -> Redis:
-        """A client of the primary through the sentinels; use it on the client host only."""
-        return connections.make_client(self.nodes.url, socket_timeout=2, socket_connect_timeout=2)
-
-    def worker_hosts(self) -> dict[str, str]:
-        """Host name -> name of its live worker (from the address each worker registers)."""
-        by_address = {host.address: name for name, host in self.network.hosts.items()}
-        workers = Worker.all(connection=self.redis())
-        return {by_address.get(worker.ip_address.rpartition(":")[0], "?"): worker.name for worker in workers}
-
-    def stop(self) -> None:
-        for process in self.processes:
-            stop_process(process, timeout=5)
-        self.nodes.stop()
 
 
 @pytest.fixture(scope="module")
@@ -133,30 +69,6 @@ def cluster(stack: Cluster) -> Iterator[Cluster]:
         for process in stack.processes[already:]:
             stop_process(process, timeout=5)
         del stack.processes[already:]
-
-
-def start_api(cluster: Cluster) -> None:
-    address = cluster.network.hosts["api"].address
-    cluster.start("api", "-m", "uvicorn", "app:app", "--host", address, "--port", "8000", "--no-access-log")
-    cluster.start("api", "scheduler.py")
-    cluster.on_client(lambda: wait_until(lambda: _answers(f"{cluster.api_url}/healthz"), 30, 0.1, "the API"))
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx2.get(url, timeout=1).status_code == 200
-    except httpx2.HTTPError:
-        return False
-
-
-def post_job(http: httpx2.Client, url: str) -> httpx2.Response:
-    """One `noop` job through the API (one client for many: a new one costs tens of ms)."""
-    return http.post(f"{url}/jobs", json={"task": "noop"}, timeout=5)
-
-
-def statuses(connection: Redis, job_ids: list[str]) -> Counter[str]:
-    jobs = Job.fetch_many(job_ids, connection=connection)
-    return Counter(job.get_status(refresh=False).value if job else "missing" for job in jobs)
 
 
 def runs(connection: Redis, key: str) -> list[tuple[str, str]]:
@@ -251,46 +163,6 @@ def test_a_worker_host_cut_off_mid_job_does_not_overwrite_its_outcome(cluster: C
     starts = cluster.on_client(lambda: runs(connection, hosttasks.STARTS_KEY))
     print(f"runs of the job: {[host for _, host in starts]}: {len(starts) - 1} duplicate(s)")
     assert [host for _, host in starts] == ["w1", "w2"]
-
-
-@dataclass
-class Load:
-    """Clients posting jobs until, after the primary's death, `after` more were accepted."""
-
-    url: str
-    http: httpx2.Client
-    after: int = 50
-    accepted: list[str] = field(default_factory=list)
-    codes: Counter[int] = field(default_factory=Counter)
-    killed_at: float = 0.0
-    accepted_at_kill: int = 0
-    first_again: float = 0.0
-
-    def done(self) -> bool:
-        return bool(self.first_again) and len(self.accepted) >= self.accepted_at_kill + self.after
-
-    def run(self) -> None:
-        while not self.done():
-            sent = time.monotonic()
-            try:
-                answer = post_job(self.http, self.url)
-            except httpx2.HTTPError:
-                self.codes[0] += 1
-                continue
-            self.codes[answer.status_code] += 1
-            if answer.status_code == 202:
-                self.accepted.append(answer.json()["job_id"])
-                if self.killed_at and sent > self.killed_at and not self.first_again:
-                    self.first_again = time.monotonic()
-            else:
-                time.sleep(RETRY_PAUSE_SECONDS)  # as a client honouring Retry-After would, briefly
-
-    def kill(self, nodes: ReplicaSet) -> int:
-        """SIGKILL the primary; its port."""
-        self.accepted_at_kill = len(self.accepted)
-        killed = nodes.kill_primary()
-        self.killed_at = time.monotonic()
-        return killed.port
 
 
 def test_the_primary_dies_under_load_and_with_wait_1_no_accepted_job_is_lost(cluster: Cluster) -> None:
