@@ -20,7 +20,7 @@ import mailsink
 import rqconfig
 from settings import Settings
 from tests.conftest import StartProcess, _reset_caches
-from tests.helpers import ROOT, wait_for_http, wait_until
+from tests.helpers import ROOT, stop_process, wait_for_http, wait_until
 from tests.replication import MASTER_NAME, ReplicaSet
 
 EMAIL = {"to": "ann@example.com", "subject": "Hi", "body": "Welcome"}
@@ -90,11 +90,24 @@ def rq_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
+@pytest.fixture
+def worker_log(sentinel_env: dict[str, str], tmp_path: Path) -> Iterator[Path]:
+    """A `worker.py` whose output goes to the file yielded."""
+    log = tmp_path / "worker.log"
+    with log.open("wb") as output:
+        worker = subprocess.Popen(
+            [sys.executable, "worker.py"], cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        yield log
+    finally:
+        stop_process(worker)
+
+
 def test_every_process_finds_the_primary_through_sentinel_and_follows_a_failover(
-    sentinel_env: dict[str, str], replica_set: ReplicaSet, processes: StartProcess, smtp: mailsink.MailSink
+    sentinel_env: dict[str, str], replica_set: ReplicaSet, processes: StartProcess, worker_log: Path
 ) -> None:
     url = api(processes)
-    processes("worker.py")
     first = httpx2.post(f"{url}/send-email", json=EMAIL, timeout=5)
     assert first.status_code == 202, first.text
     wait_until(lambda: finished(url, first.json()["job_id"]), timeout=30, what="the worker to send the email")
@@ -104,6 +117,8 @@ def test_every_process_finds_the_primary_through_sentinel_and_follows_a_failover
     assert dashboard.status_code == 200 and len(dashboard.json()["workers"]) == 1, dashboard.text
     assert httpx2.get(f"{url}/metrics", timeout=5).status_code == 200
 
+    for replica in replica_set.nodes[1:]:  # the next primary lacks keyspace events: its workers must poll
+        replica_set.client(replica).config_set("notify-keyspace-events", "")
     old = replica_set.kill_primary()
     answers: list[httpx2.Response] = []
 
@@ -118,4 +133,5 @@ def test_every_process_finds_the_primary_through_sentinel_and_follows_a_failover
     assert all("detail" in answer.json() for answer in refused)
     assert replica_set.primary().port != old.port
     wait_until(lambda: finished(url, again.json()["job_id"]), timeout=30, what="the worker to follow the primary")
+    assert "Redis notify-keyspace-events is ''" in worker_log.read_text()  # the warning of the polling fallback
     assert MASTER_NAME in replica_set.url
