@@ -17,6 +17,7 @@ import pytest
 
 import connections
 import mailsink
+import queues
 import rqconfig
 from settings import Settings
 from tests.conftest import StartProcess, _reset_caches
@@ -86,7 +87,7 @@ def finished(url: str, job_id: str) -> bool:
 
 
 def rq_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [str(Path(sys.executable).with_name("rq")), *args, "-c", "rqconfig"]
+    command = [str(Path(sys.executable).with_name("rq")), args[0], "-c", "rqconfig", *args[1:]]
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
@@ -135,3 +136,10 @@ def test_every_process_finds_the_primary_through_sentinel_and_follows_a_failover
     wait_until(lambda: finished(url, again.json()["job_id"]), timeout=30, what="the worker to follow the primary")
     assert "Redis notify-keyspace-events is ''" in worker_log.read_text()  # the warning of the polling fallback
     assert MASTER_NAME in replica_set.url
+
+
+def test_the_stock_rq_worker_runs_jobs_through_sentinel_with_rqconfig(sentinel_env: dict[str, str]) -> None:
+    job = queues.enqueue_task("noop", {}, "low")
+    run = rq_cli("worker", "--burst", "high", "default", "low")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert queues.fetch_job(job.id).get_status().value == "finished"
