@@ -40,6 +40,7 @@ from exceptions import (
     IdempotencyConflict,
     JobNotFoundError,
     JobStateError,
+    NotReplicatedError,
     QueueFullError,
     ServiceError,
     TargetError,
@@ -135,6 +136,7 @@ STATUS_OF_ERROR: dict[type[ServiceError], int] = {
     TargetError: 422,
     TemplateError: 422,
     QueueFullError: 429,
+    NotReplicatedError: 503,
 }
 
 
@@ -198,17 +200,18 @@ def _idempotent(scope: str, key: str | None, body: BaseModel, make: Callable[[],
     answer = body.model_dump(mode="json")
     if key is None:
         return make().model_dump(mode="json", exclude_none=True)
-    connection, digest = queues.get_redis(), idempotency.body_hash(answer)
-    first = idempotency.claim(connection, scope, key, digest)
-    if first is not None:
-        return first
-    try:
-        made = make().model_dump(mode="json", exclude_none=True)
-    except BaseException:
-        idempotency.release(connection, scope, key)
-        raise
-    idempotency.store(connection, scope, key, digest, made)
-    return made
+    with queues.replicated():  # a repeated answer too: only once replicas have what it names
+        connection, digest = queues.get_redis(), idempotency.body_hash(answer)
+        first = idempotency.claim(connection, scope, key, digest)
+        if first is not None:
+            return first
+        try:
+            made = make().model_dump(mode="json", exclude_none=True)
+        except BaseException:
+            idempotency.release(connection, scope, key)
+            raise
+        idempotency.store(connection, scope, key, digest, made)
+        return made
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq_dashboard.cli import make_flask_app
 from rq_dashboard.web import setup_rq_connection
 
+from connections import SENTINEL_SCHEME
 from settings import Settings
 
 log = logging.getLogger("dashboard")
@@ -49,6 +50,8 @@ def make_dashboard(settings: Settings, password: str) -> Flask:
     # blueprint, so it would pile up on every app built in the same process.
     flask_app: Flask = make_flask_app(None, None, None, "")
     flask_app.config["RQ_DASHBOARD_REDIS_URL"] = _redis_url(settings)
+    if settings.redis_sentinel_password:
+        flask_app.config["RQ_DASHBOARD_REDIS_SENTINEL_PASSWORD"] = settings.redis_sentinel_password.get_secret_value()
     flask_app.config["RQ_DASHBOARD_DISABLE_DELETE"] = settings.dashboard_read_only
     setup_rq_connection(flask_app)
     flask_app.before_request(_require_auth(settings.dashboard_username, password))
@@ -60,10 +63,14 @@ def make_dashboard(settings: Settings, password: str) -> Flask:
 
 
 def _redis_url(settings: Settings) -> str:
-    """The service's Redis URL with its socket timeouts (rq-dashboard builds its clients from the URL alone)."""
+    """The service's Redis URL with its socket timeouts (rq-dashboard builds its clients from the URL alone;
+    it reads `redis+sentinel://` URLs itself, with the same options, through redis-sentinel-url)."""
     parts = urlsplit(settings.redis_url)
     timeout = str(settings.redis_socket_timeout)
-    query = {"socket_timeout": timeout, "socket_connect_timeout": timeout, **dict(parse_qsl(parts.query))}
+    query = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if parts.scheme == SENTINEL_SCHEME:
+        query |= {"sentinel_socket_timeout": timeout, "sentinel_socket_connect_timeout": timeout}
+    query |= dict(parse_qsl(parts.query))
     return parts._replace(query=urlencode(query)).geturl()
 
 

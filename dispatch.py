@@ -34,6 +34,7 @@ class Content:
     html: str | None = None
 
 
+@queues.accepting
 def create_notification(request: NotificationRequest, correlation_id: str) -> NotificationAccepted:
     """Records and jobs of a new notification: a delivery the user opted out of is recorded as
     `skipped` and gets no job; a non-urgent one due in the user's quiet hours waits until they end."""
@@ -180,6 +181,7 @@ def get_notification(notification_id: str) -> NotificationView | None:
     return notifications.view(*found) if found else None
 
 
+@queues.accepting
 def cancel_notification(notification_id: str) -> NotificationView | None:
     """Cancel every delivery not yet sent; one being sent right now finishes."""
     connection = queues.get_redis()
@@ -196,6 +198,7 @@ def cancel_notification(notification_id: str) -> NotificationView | None:
     return get_notification(notification_id)
 
 
+@queues.accepting
 def retry_delivery(notification_id: str, channel: str) -> NotificationView | None:
     """Manual retry of a failed delivery, with a fresh attempt budget."""
     connection = queues.get_redis()

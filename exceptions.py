@@ -54,3 +54,17 @@ class QueueFullError(ServiceError):
         super().__init__(f"queue {queue!r} is full ({waiting} jobs waiting); retry in {retry_after} s")
         self.queue = queue
         self.headers = {"Retry-After": str(retry_after)}
+
+
+class NotReplicatedError(ServiceError):
+    """Work was written to the primary, but fewer than `REDIS_WAIT_REPLICAS` replicas confirmed it in
+    time: a failover now could lose it, so it is not reported as accepted (503)."""
+
+    RETRY_AFTER_SECONDS = 1
+
+    def __init__(self, confirmed: int, wanted: int) -> None:
+        super().__init__(
+            f"not accepted: {confirmed} of {wanted} Redis replicas confirmed the write in time. The job may"
+            " exist; retrying with the same Idempotency-Key is safe (it is then created at most once)"
+        )
+        self.headers = {"Retry-After": str(self.RETRY_AFTER_SECONDS)}

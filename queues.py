@@ -6,14 +6,15 @@ Shared by the API and the workers; it never imports the web layer.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import time
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from uuid import uuid4
 
 from pydantic import BaseModel
@@ -41,9 +42,35 @@ DELAYED_JOBS_KEY = "rq:scheduler:scheduled_jobs"
 
 
 def get_redis(settings: Settings | None = None) -> Redis:
-    """The process's Redis client; its timeouts bound how long a request can wait for Redis."""
-    settings = settings or get_settings()
-    return connections.client_for(settings.redis_url, settings.redis_socket_timeout)
+    """The process's Redis client; its timeouts bound how long a request can wait for Redis.
+
+    Within an `accepting` operation, the one connection whose writes that operation waits for.
+    """
+    if settings is None:
+        return connections.redis_client()
+    password = settings.redis_sentinel_password.get_secret_value() if settings.redis_sentinel_password else None
+    return connections.client_for(settings.redis_url, settings.redis_socket_timeout, password)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def replicated() -> AbstractContextManager[None]:
+    """The block's writes are answered as accepted only once `REDIS_WAIT_REPLICAS` replicas have them
+    (`connections.replicated_writes`); with 0 (the default), a plain block."""
+    settings = get_settings()
+    return connections.replicated_writes(settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
+
+
+def accepting(operation: F) -> F:
+    """An operation that accepts work: its writes are `replicated` before it returns."""
+
+    @functools.wraps(operation)
+    def replicated_operation(*args: Any, **kwargs: Any) -> Any:
+        with replicated():
+            return operation(*args, **kwargs)
+
+    return cast(F, replicated_operation)
 
 
 def get_queue(name: str, connection: Redis | None = None) -> Queue:
@@ -139,6 +166,7 @@ def on_job_success(job: Job, connection: Redis, result: Any) -> None:
     metrics.job_ended(job, connection, "finished")
 
 
+@accepting
 def enqueue_task(name: str, kwargs: dict[str, Any], priority: Priority = "default", due: datetime | None = None) -> Job:
     """Validate a registered task's arguments and queue it, or hand it to rq-scheduler when `due`.
 
@@ -171,7 +199,8 @@ async def enqueue_task_async(
     recorder = get_redis().pipeline()  # never executed: RQ writes its commands here, for the replay
     recorder.multi()
     _write(queue, job, task, due, recorder, recorded=True)
-    await connections.execute_async(recorder)
+    settings = get_settings()
+    await connections.execute_async(recorder, settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
     if job.get_status(refresh=False) == JobStatus.RATE_LIMITED:
         await limits.promote_async(connections.async_redis_client(), job)
     return job
@@ -207,6 +236,7 @@ def _write(
         submit(queue, job, due, pipeline, recorded)
 
 
+@accepting
 def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> list[str]:
     """Queue many already-validated emails at once: one capacity check, one transaction; their ids.
 
@@ -359,6 +389,7 @@ def fetch_job(job_id: str) -> Job:
     return job
 
 
+@accepting
 def cancel_job(job_id: str) -> Job:
     """Cancel a job that has not started; a job that ran (or runs) cannot be canceled."""
     job = fetch_job(job_id)
@@ -370,6 +401,7 @@ def cancel_job(job_id: str) -> Job:
     return job
 
 
+@accepting
 def requeue_job(job_id: str) -> Job:
     """Put a failed job back on its queue, with its retries restored."""
     job = fetch_job(job_id)

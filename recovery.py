@@ -403,11 +403,26 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
                 self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id),
             ):
                 return_value = job.perform()
+            if not self._still_ours(job, execution):
+                return False
             self._finalize_success(job, queue, execution, return_value)
         except BaseException:  # as RQ's: whatever the job raised is recorded as its failure
-            self._finalize_failure(job, queue, execution, sys.exc_info())
+            if self._still_ours(job, execution):
+                self._finalize_failure(job, queue, execution, sys.exc_info())
             return False
         return True
+
+    def _still_ours(self, job: Job, execution: Execution) -> bool:
+        """Whether the job is still this worker's: one cut off from Redis longer than the heartbeat
+        grace finds, once back, its job recovered and run by another worker, whose outcome stands.
+        Then only this run's own execution record is removed."""
+        if job.connection.hget(job.key, "worker_name") == self.name.encode():
+            return True
+        log.warning("job %s was taken over by another worker while this one ran it; this run's end is dropped", job.id)
+        with self.connection.pipeline() as pipeline:
+            self.cleanup_execution(job, pipeline=pipeline, execution=execution)
+            pipeline.execute()
+        return False
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         super().execute_job(job, queue)

@@ -32,6 +32,7 @@ from rq.scheduler import RQScheduler
 from rq.utils import now
 from rq_scheduler import Scheduler
 
+import connections
 import cron
 import recovery
 from logs import setup_logging_from
@@ -187,7 +188,7 @@ class SchedulerLoop:
 def main() -> None:
     settings = settings_or_exit()
     setup_logging_from(settings)
-    connection = Redis.from_url(settings.redis_url)
+    connection = connections.settings_client(settings)
     periodic = periodic_scheduler(connection, settings, cron.PERIODIC_JOBS.values())
     loop = SchedulerLoop(connection, settings.scheduler_interval_seconds, settings.recovery_sweep_seconds, periodic)
     signal.signal(signal.SIGTERM, loop.stop)

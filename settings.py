@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     redis_url: str = "redis://localhost:6379/0"
     redis_socket_timeout: float = Field(0.5, gt=0, description="seconds; bounds every API call to Redis")
     redis_appendfsync: Literal["always", "everysec", "no"] = "everysec"
+    redis_sentinel_password: SecretStr | None = Field(None, description="for sentinels that require one")
+    redis_wait_replicas: int = Field(
+        0, ge=0, description="work is accepted (202) only once this many replicas have it (Redis WAIT)"
+    )
+    redis_wait_timeout_ms: int = Field(200, ge=1, description="how long an accepting write waits for them")
 
     smtp_host: str | None = None
     smtp_port: int = 25
@@ -169,6 +174,13 @@ class Settings(BaseSettings):
     def _one_way_of_smtp_tls(self) -> Settings:
         if self.smtp_ssl and self.smtp_starttls:
             raise ValueError("SMTP_SSL and SMTP_STARTTLS exclude each other: SMTPS is TLS from the start")
+        return self
+
+    @model_validator(mode="after")
+    def _wait_shorter_than_socket_timeout(self) -> Settings:
+        """WAIT's answer must come before the client's socket gives up on it."""
+        if self.redis_wait_replicas and self.redis_wait_timeout_ms >= self.redis_socket_timeout * 1000:
+            raise ValueError("REDIS_WAIT_TIMEOUT_MS must be shorter than REDIS_SOCKET_TIMEOUT")
         return self
 
     @model_validator(mode="after")

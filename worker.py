@@ -32,6 +32,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.worker import BaseWorker
 from rq.worker_pool import ForkProcess, WorkerData, WorkerPool
 
+import connections
 import tasks  # noqa: F401  # imported once here, before forking: each process would import it again
 from logs import setup_logging_from
 from recovery import RecoveringSimpleWorker, RecoveringWorker
@@ -54,7 +55,7 @@ def build_worker(connection: Redis | None = None) -> BaseWorker:
     settings = get_settings()
     built = worker_class()(
         list(QUEUE_NAMES),
-        connection=connection or Redis.from_url(settings.redis_url),
+        connection=connection or connections.settings_client(settings),
         worker_ttl=settings.worker_ttl_seconds,
         maintenance_interval=settings.worker_maintenance_interval_seconds,
         job_monitoring_interval=settings.job_heartbeat_seconds,
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings_or_exit()
     setup_logging_from(settings)
     count = args.processes or settings.worker_count
-    pool = Pool(list(QUEUE_NAMES), Redis.from_url(settings.redis_url), num_workers=count)
+    pool = Pool(list(QUEUE_NAMES), connections.settings_client(settings), num_workers=count)
     log.info("starting %d %s worker process(es)", count, worker_class().__name__)
     pool.start(burst=args.burst, logging_level=settings.log_level)
     if args.burst and not pool.drained:
