@@ -52,6 +52,7 @@ from schemas import (
     JOB_ID_PATTERN,
     ChannelName,
     ContactView,
+    DigestView,
     EmailArgs,
     JobAccepted,
     JobPage,
@@ -353,6 +354,15 @@ def cancel_notification(notification_id: NotificationId) -> NotificationView:
 def retry_delivery(notification_id: NotificationId, channel: ChannelName) -> NotificationView:
     """Retry a failed delivery now, with a fresh attempt budget (409 unless it failed)."""
     return _found(dispatch.retry_delivery(notification_id, channel), notification_id)
+
+
+@app.get("/digests/{delivery_id}", response_model=DigestView)
+def get_digest(delivery_id: NotificationId) -> DigestView:
+    """A digest (the `digest_delivery_id` of its notifications' deliveries): its notifications and its delivery."""
+    view = dispatch.get_digest(delivery_id)
+    if view is None:
+        raise HTTPException(404, f"no digest with delivery id {delivery_id!r}")
+    return view
 
 
 UserId = Annotated[str, Path(pattern=ID_PATTERN)]

@@ -6,11 +6,13 @@ before anything is written, so it is a 422 at request time and never a failed jo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import digests
 import metrics
 import notifications
 import preferences
@@ -21,7 +23,14 @@ import unsubscribe as unsubscribe_links
 from channels.base import Message
 from channels.webhook import check_url
 from exceptions import JobNotFoundError, JobStateError, TargetError
-from schemas import QUEUE_OF_PRIORITY, NotificationAccepted, NotificationRequest, NotificationView, Preferences
+from schemas import (
+    QUEUE_OF_PRIORITY,
+    DigestView,
+    NotificationAccepted,
+    NotificationRequest,
+    NotificationView,
+    Preferences,
+)
 from settings import get_settings
 
 
@@ -40,7 +49,8 @@ def create_notification(request: NotificationRequest, correlation_id: str) -> No
     contents = _contents(request)
     targets = _targets(request, notifications.load_contact(connection, request.user_id))
     wishes = preferences.load(connection, request.user_id)
-    notification_id, created, due = notifications.new_id(), notifications.now_iso(), _due(request, wishes)
+    notification_id, created = notifications.new_id(), notifications.now_iso()
+    due = None if request.digest_key else _due(request, wishes)
     queue = queues.get_queue(QUEUE_OF_PRIORITY[request.priority])
     queues.ensure_capacity(queue)
     record = {
@@ -63,8 +73,13 @@ def create_notification(request: NotificationRequest, correlation_id: str) -> No
         attempts = _max_attempts(channel)
         skipped = preferences.skip_reason(wishes, request.topic, channel, request.required)
         deliveries.append(_delivery_record(message, channel, attempts, record, skipped))
-        if not skipped:
-            jobs.append(_delivery_job(queue, message, channel, attempts))
+        if not skipped and not request.digest_key:
+            jobs.append(
+                _delivery_job(queue, tasks.deliver_notification, message.delivery_id, channel, attempts, correlation_id)
+            )
+    if request.digest_key:
+        _add_to_digests(request, wishes, queue, record, deliveries)
+        return _accepted(record, deliveries)
     with queues.transaction() as pipeline:
         notifications.write(pipeline, record, deliveries)
         for job in jobs:
@@ -73,7 +88,35 @@ def create_notification(request: NotificationRequest, correlation_id: str) -> No
     return _accepted(record, deliveries)
 
 
-RECORDED_FIELDS = {"user_id", "priority", "source_entity_type", "source_entity_id", "topic", "required"}
+RECORDED_FIELDS = {
+    *("user_id", "priority", "source_entity_type", "source_entity_id", "topic", "required"),
+    *("digest_key", "digest_window_seconds"),
+}
+
+
+def _add_to_digests(
+    request: NotificationRequest,
+    wishes: Preferences,
+    queue: Any,
+    record: dict[str, Any],
+    deliveries: list[dict[str, Any]],
+) -> None:
+    """Each delivery not skipped joins its channel's open digest, or opens one whose window ends
+    `digest_window_seconds` from now (or, if that falls in the user's quiet hours, when they end)."""
+    assert request.digest_key is not None and request.digest_window_seconds is not None  # the schema's rule
+    window_end = datetime.now(UTC) + timedelta(seconds=request.digest_window_seconds)
+    due = preferences.quiet_until(wishes, window_end) or window_end
+
+    def schedule(pipeline: Any, digest: dict[str, Any], due: datetime) -> None:
+        correlation_id = digest["message"]["correlation_id"]
+        args = (tasks.deliver_digest, digest["delivery_id"], digest["channel"], digest["max_attempts"], correlation_id)
+        queues.submit(queue, _delivery_job(queue, *args), due, pipeline)
+
+    def write_records(pipeline: Any) -> None:
+        notifications.write(pipeline, record, deliveries)
+        _count(pipeline, deliveries)
+
+    digests.add(queues.get_redis(), deliveries, request.digest_key, due, schedule, write_records)
 
 
 def _due(request: NotificationRequest, wishes: Preferences) -> datetime | None:
@@ -102,15 +145,15 @@ def _count(pipeline: Any, deliveries: list[dict[str, Any]]) -> None:
             metrics.NOTIFICATIONS_DELIVERED.inc(pipeline, delivery["channel"], "skipped")
 
 
-def _delivery_job(queue: Any, message: Message, channel: str, attempts: int) -> Any:
-    meta = {"task": f"deliver_{channel}", "correlation_id": message.correlation_id}
+def _delivery_job(
+    queue: Any, function: Callable[..., Any], delivery_id: str, channel: str, attempts: int, correlation_id: str
+) -> Any:
+    """The job of one delivery (`tasks.deliver_notification`) or digest (`tasks.deliver_digest`)."""
+    kind = "digest" if function is tasks.deliver_digest else "deliver"
+    meta = {"task": f"{kind}_{channel}", "correlation_id": correlation_id}
     retry = queues.retry_policy(get_settings(), retries=attempts - 1)
     return queue.create_job(
-        tasks.deliver_notification,
-        kwargs={"delivery_id": message.delivery_id},
-        job_id=message.delivery_id,
-        meta=meta,
-        **queues.job_options(retry),
+        function, kwargs={"delivery_id": delivery_id}, job_id=delivery_id, meta=meta, **queues.job_options(retry)
     )
 
 
@@ -183,13 +226,26 @@ def cancel_notification(notification_id: str) -> NotificationView | None:
     if found is None:
         return None
     for delivery in found[1]:
-        if delivery["status"] in notifications.OPEN_STATUSES:
-            notifications.update(connection, delivery["delivery_id"], status="canceled")
+        if _cancel_delivery(connection, delivery):
             metrics.delivery_settled(connection, delivery["channel"], "canceled")
-            # A job that started meanwhile sees `canceled` if it runs again; one that expired is gone.
-            with suppress(JobStateError, JobNotFoundError):
-                queues.cancel_job(delivery["job_id"])
     return get_notification(notification_id)
+
+
+def _cancel_delivery(connection: Any, delivery: dict[str, Any]) -> bool:
+    """Cancel one delivery if it is still open; a digested one leaves its digest, until that closes."""
+    if delivery["status"] == "digested":
+        return digests.cancel_item(connection, delivery)
+    if delivery["status"] not in notifications.OPEN_STATUSES:
+        return False
+    notifications.update(connection, delivery["delivery_id"], status="canceled")
+    # A job that started meanwhile sees `canceled` if it runs again; one that expired is gone.
+    with suppress(JobStateError, JobNotFoundError):
+        queues.cancel_job(delivery["job_id"])
+    return True
+
+
+def get_digest(delivery_id: str) -> DigestView | None:
+    return digests.view(queues.get_redis(), delivery_id)
 
 
 def retry_delivery(notification_id: str, channel: str) -> NotificationView | None:
