@@ -36,6 +36,7 @@ import notifications
 import queues
 import unsubscribe as unsubscribe_links
 from dashboard import mount_dashboard
+from digests import DigestBusyError
 from exceptions import (
     IdempotencyConflict,
     JobNotFoundError,
@@ -136,6 +137,7 @@ STATUS_OF_ERROR: dict[type[ServiceError], int] = {
     TargetError: 422,
     TemplateError: 422,
     QueueFullError: 429,
+    DigestBusyError: 503,
 }
 
 

@@ -64,7 +64,11 @@ WriteRecords = Callable[[Pipeline], None]
 
 
 class DigestBusyError(ServiceError):
-    """The digest changed under every try; the client may send the notification again."""
+    """The digest changed under every try (503): the client may send the notification again."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": "1"}
 
 
 def pointer_key(user_id: str, channel: str, digest_key: str) -> str:
@@ -209,7 +213,12 @@ def prepare(connection: Redis, delivery: dict[str, Any]) -> dict[str, Any] | str
         return "expired"  # its records outlived their TTL
     if digest.get("sent_notification_ids") is None:
         return _close_and_make(connection, delivery, digest)
-    return delivery if digest["sent_notification_ids"] else _empty_outcome([])
+    return delivery if digest["sent_notification_ids"] else _settled_as(delivery)
+
+
+def _settled_as(delivery: dict[str, Any]) -> str:
+    """The status of an empty digest run again (its worker died after closing it)."""
+    return delivery["status"] if delivery["status"] in {"skipped", "expired", "canceled"} else "canceled"
 
 
 def _close_and_make(connection: Redis, delivery: dict[str, Any], digest: dict[str, Any]) -> dict[str, Any] | str:
@@ -218,7 +227,8 @@ def _close_and_make(connection: Redis, delivery: dict[str, Any], digest: dict[st
     made = {**delivery, "message": asdict(make_message(delivery, digest, sent))} if sent else None
     with connection.pipeline() as pipeline:
         for item, status in left_out:
-            changes = {"status": status, "skip_reason": preferences.OPTED_OUT if status == "skipped" else None}
+            reason = preferences.OPTED_OUT if status == "skipped" else None
+            changes = {"status": status, "skip_reason": reason, "updated_at": notifications.now_iso()}
             pipeline.hset(notifications.delivery_key(item["delivery_id"]), mapping=notifications.encode(changes))
         sent_ids = [item["notification_id"] for item in sent]
         pipeline.hset(record_key(digest["delivery_id"]), "sent_notification_ids", json.dumps(sent_ids))

@@ -17,6 +17,7 @@ import httpx2
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
+from redis.exceptions import WatchError
 
 import digests
 import dispatch
@@ -120,6 +121,19 @@ def test_the_window_bounds_are_accepted_and_the_answer_says_when_the_digest_goes
     assert second["status"] == "digested" and second["digest_delivery_id"] != day["digest_delivery_id"]
     assert client.get(f"/digests/{'0' * 32}").status_code == 404
     assert client.get("/digests/not-an-id").status_code == 422
+
+
+def test_a_digest_that_keeps_changing_is_a_503_that_stores_nothing(
+    client: TestClient, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def always_changed(*args: Any) -> None:
+        raise WatchError("watched key changed")
+
+    monkeypatch.setattr(digests, "_add_once", always_changed)
+    response = client.post("/notifications", json={**NOTE, "digest_key": "orders", "digest_window_seconds": 5})
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    assert "kept changing" in response.json()["detail"]
+    assert redis.keys("notification:*") == []
 
 
 # One message per window
