@@ -36,6 +36,7 @@ import notifications
 import queues
 import unsubscribe as unsubscribe_links
 from dashboard import mount_dashboard
+from digests import DigestBusyError
 from exceptions import (
     IdempotencyConflict,
     JobNotFoundError,
@@ -53,6 +54,7 @@ from schemas import (
     JOB_ID_PATTERN,
     ChannelName,
     ContactView,
+    DigestView,
     EmailArgs,
     JobAccepted,
     JobPage,
@@ -137,6 +139,7 @@ STATUS_OF_ERROR: dict[type[ServiceError], int] = {
     TemplateError: 422,
     QueueFullError: 429,
     NotReplicatedError: 503,
+    DigestBusyError: 503,
 }
 
 
@@ -356,6 +359,15 @@ def cancel_notification(notification_id: NotificationId) -> NotificationView:
 def retry_delivery(notification_id: NotificationId, channel: ChannelName) -> NotificationView:
     """Retry a failed delivery now, with a fresh attempt budget (409 unless it failed)."""
     return _found(dispatch.retry_delivery(notification_id, channel), notification_id)
+
+
+@app.get("/digests/{delivery_id}", response_model=DigestView)
+def get_digest(delivery_id: NotificationId) -> DigestView:
+    """A digest (the `digest_delivery_id` of its notifications' deliveries): its notifications and its delivery."""
+    view = dispatch.get_digest(delivery_id)
+    if view is None:
+        raise HTTPException(404, f"no digest with delivery id {delivery_id!r}")
+    return view
 
 
 UserId = Annotated[str, Path(pattern=ID_PATTERN)]

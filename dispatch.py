@@ -6,11 +6,13 @@ before anything is written, so it is a 422 at request time and never a failed jo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import digests
 import limits
 import metrics
 import notifications
@@ -22,7 +24,14 @@ import unsubscribe as unsubscribe_links
 from channels.base import Message
 from channels.webhook import check_url
 from exceptions import JobNotFoundError, JobStateError, TargetError
-from schemas import QUEUE_OF_PRIORITY, NotificationAccepted, NotificationRequest, NotificationView, Preferences
+from schemas import (
+    QUEUE_OF_PRIORITY,
+    DigestView,
+    NotificationAccepted,
+    NotificationRequest,
+    NotificationView,
+    Preferences,
+)
 from settings import get_settings
 
 
@@ -42,7 +51,8 @@ def create_notification(request: NotificationRequest, correlation_id: str) -> No
     contents = _contents(request)
     targets = _targets(request, notifications.load_contact(connection, request.user_id))
     wishes = preferences.load(connection, request.user_id)
-    notification_id, created, due = notifications.new_id(), notifications.now_iso(), _due(request, wishes)
+    notification_id, created = notifications.new_id(), notifications.now_iso()
+    due = None if request.digest_key else _due(request, wishes)
     queue = queues.get_queue(QUEUE_OF_PRIORITY[request.priority])
     queues.ensure_capacity(queue)
     record = {
@@ -65,8 +75,21 @@ def create_notification(request: NotificationRequest, correlation_id: str) -> No
         attempts = _max_attempts(channel)
         skipped = preferences.skip_reason(wishes, request.topic, channel, request.required)
         deliveries.append(_delivery_record(message, channel, attempts, record, skipped))
-        if not skipped:
-            jobs.append(_delivery_job(queue, message, channel, attempts, targets.get(channel)))
+        if not skipped and not request.digest_key:
+            jobs.append(
+                _delivery_job(
+                    queue,
+                    tasks.deliver_notification,
+                    message.delivery_id,
+                    channel,
+                    attempts,
+                    correlation_id,
+                    targets.get(channel),
+                )
+            )
+    if request.digest_key:
+        _add_to_digests(request, wishes, queue, record, deliveries)
+        return _accepted(record, deliveries)
     with queues.transaction() as pipeline:
         notifications.write(pipeline, record, deliveries)
         for job in jobs:
@@ -75,7 +98,36 @@ def create_notification(request: NotificationRequest, correlation_id: str) -> No
     return _accepted(record, deliveries)
 
 
-RECORDED_FIELDS = {"user_id", "priority", "source_entity_type", "source_entity_id", "topic", "required"}
+RECORDED_FIELDS = {
+    *("user_id", "priority", "source_entity_type", "source_entity_id", "topic", "required"),
+    *("digest_key", "digest_window_seconds"),
+}
+
+
+def _add_to_digests(
+    request: NotificationRequest,
+    wishes: Preferences,
+    queue: Any,
+    record: dict[str, Any],
+    deliveries: list[dict[str, Any]],
+) -> None:
+    """Each delivery not skipped joins its channel's open digest, or opens one whose window ends
+    `digest_window_seconds` from now (or, if that falls in the user's quiet hours, when they end)."""
+    assert request.digest_key is not None and request.digest_window_seconds is not None  # the schema's rule
+    window_end = datetime.now(UTC) + timedelta(seconds=request.digest_window_seconds)
+    due = preferences.quiet_until(wishes, window_end) or window_end
+
+    def schedule(pipeline: Any, digest: dict[str, Any], due: datetime) -> None:
+        correlation_id = digest["message"]["correlation_id"]
+        target = digest["message"].get("target")
+        args = (tasks.deliver_digest, digest["delivery_id"], digest["channel"], digest["max_attempts"], correlation_id)
+        queues.submit(queue, _delivery_job(queue, *args, target), due, pipeline)
+
+    def write_records(pipeline: Any) -> None:
+        notifications.write(pipeline, record, deliveries)
+        _count(pipeline, deliveries)
+
+    digests.add(queues.get_redis(), deliveries, request.digest_key, due, schedule, write_records)
 
 
 def _due(request: NotificationRequest, wishes: Preferences) -> datetime | None:
@@ -104,15 +156,25 @@ def _count(pipeline: Any, deliveries: list[dict[str, Any]]) -> None:
             metrics.NOTIFICATIONS_DELIVERED.inc(pipeline, delivery["channel"], "skipped")
 
 
-def _delivery_job(queue: Any, message: Message, channel: str, attempts: int, target: str | None) -> Any:
-    """The delivery's job, with the concurrency limit of its destination (`limits`)."""
+def _delivery_job(
+    queue: Any,
+    function: Callable[..., Any],
+    delivery_id: str,
+    channel: str,
+    attempts: int,
+    correlation_id: str,
+    target: str | None,
+) -> Any:
+    """The job of one delivery (`tasks.deliver_notification`) or digest (`tasks.deliver_digest`), with the
+    concurrency limit of its destination (`limits`)."""
     settings = get_settings()
-    meta = {"task": f"deliver_{channel}", "correlation_id": message.correlation_id}
+    kind = "digest" if function is tasks.deliver_digest else "deliver"
+    meta = {"task": f"{kind}_{channel}", "correlation_id": correlation_id}
     retry = queues.retry_policy(settings, retries=attempts - 1)
     return queue.create_job(
-        tasks.deliver_notification,
-        kwargs={"delivery_id": message.delivery_id},
-        job_id=message.delivery_id,
+        function,
+        kwargs={"delivery_id": delivery_id},
+        job_id=delivery_id,
         meta=meta,
         rate_limit=limits.for_channel(channel, target, settings),
         **queues.job_options(retry),
@@ -189,13 +251,26 @@ def cancel_notification(notification_id: str) -> NotificationView | None:
     if found is None:
         return None
     for delivery in found[1]:
-        if delivery["status"] in notifications.OPEN_STATUSES:
-            notifications.update(connection, delivery["delivery_id"], status="canceled")
+        if _cancel_delivery(connection, delivery):
             metrics.delivery_settled(connection, delivery["channel"], "canceled")
-            # A job that started meanwhile sees `canceled` if it runs again; one that expired is gone.
-            with suppress(JobStateError, JobNotFoundError):
-                queues.cancel_job(delivery["job_id"])
     return get_notification(notification_id)
+
+
+def _cancel_delivery(connection: Any, delivery: dict[str, Any]) -> bool:
+    """Cancel one delivery if it is still open; a digested one leaves its digest, until that closes."""
+    if delivery["status"] == "digested":
+        return digests.cancel_item(connection, delivery)
+    if delivery["status"] not in notifications.OPEN_STATUSES:
+        return False
+    notifications.update(connection, delivery["delivery_id"], status="canceled")
+    # A job that started meanwhile sees `canceled` if it runs again; one that expired is gone.
+    with suppress(JobStateError, JobNotFoundError):
+        queues.cancel_job(delivery["job_id"])
+    return True
+
+
+def get_digest(delivery_id: str) -> DigestView | None:
+    return digests.view(queues.get_redis(), delivery_id)
 
 
 @queues.accepting

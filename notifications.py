@@ -43,11 +43,15 @@ def delivery_key(delivery_id: str) -> str:
 def write(pipeline: Pipeline, notification: dict[str, Any], deliveries: list[dict[str, Any]]) -> None:
     """Add the records of a new notification and its deliveries to `pipeline` (a transaction)."""
     key = notification_key(notification["notification_id"])
-    pipeline.hset(key, mapping=_encode({**notification, "deliveries": [d["delivery_id"] for d in deliveries]}))
+    pipeline.hset(key, mapping=encode({**notification, "deliveries": [d["delivery_id"] for d in deliveries]}))
     pipeline.expire(key, RECORD_TTL_SECONDS)
     for delivery in deliveries:
-        pipeline.hset(delivery_key(delivery["delivery_id"]), mapping=_encode(delivery))
-        pipeline.expire(delivery_key(delivery["delivery_id"]), RECORD_TTL_SECONDS)
+        write_delivery(pipeline, delivery)
+
+
+def write_delivery(pipeline: Pipeline, delivery: dict[str, Any]) -> None:
+    pipeline.hset(delivery_key(delivery["delivery_id"]), mapping=encode(delivery))
+    pipeline.expire(delivery_key(delivery["delivery_id"]), RECORD_TTL_SECONDS)
 
 
 def new_delivery(
@@ -78,30 +82,30 @@ def new_delivery(
 
 
 def load_delivery(connection: Redis, delivery_id: str) -> dict[str, Any] | None:
-    return _decode(connection.hgetall(delivery_key(delivery_id)))
+    return decode(connection.hgetall(delivery_key(delivery_id)))
 
 
 def load_notification(connection: Redis, notification_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
-    notification = _decode(connection.hgetall(notification_key(notification_id)))
+    notification = decode(connection.hgetall(notification_key(notification_id)))
     if notification is None:
         return None
     with connection.pipeline(transaction=False) as pipeline:
         for delivery_id in notification["deliveries"]:
             pipeline.hgetall(delivery_key(delivery_id))
-        deliveries = [_decode(raw) for raw in pipeline.execute()]
+        deliveries = [decode(raw) for raw in pipeline.execute()]
     return notification, [delivery for delivery in deliveries if delivery is not None]
 
 
 def update(connection: Redis, delivery_id: str, **fields: Any) -> None:
     """Set fields of an existing delivery (never recreating one that expired)."""
     if connection.exists(delivery_key(delivery_id)):
-        connection.hset(delivery_key(delivery_id), mapping=_encode({**fields, "updated_at": now_iso()}))
+        connection.hset(delivery_key(delivery_id), mapping=encode({**fields, "updated_at": now_iso()}))
 
 
 def start_attempt(connection: Redis, delivery_id: str) -> int:
     with connection.pipeline() as pipeline:
         pipeline.hincrby(delivery_key(delivery_id), "attempts", 1)
-        pipeline.hset(delivery_key(delivery_id), mapping=_encode({"status": "sending", "updated_at": now_iso()}))
+        pipeline.hset(delivery_key(delivery_id), mapping=encode({"status": "sending", "updated_at": now_iso()}))
         attempts, _ = pipeline.execute()
     return int(attempts)
 
@@ -112,25 +116,29 @@ def save_contact(connection: Redis, user_id: str, contact: dict[str, str | None]
     The address is stored as `email` (its name before the API called it `to`), so contacts stored
     by earlier versions are read as they are.
     """
-    connection.hset(f"user:{user_id}", mapping=_encode(contact))
+    connection.hset(f"user:{user_id}", mapping=encode(contact))
 
 
 def load_contact(connection: Redis, user_id: str) -> dict[str, Any]:
-    return _decode(connection.hgetall(f"user:{user_id}")) or {}
+    return decode(connection.hgetall(f"user:{user_id}")) or {}
 
 
 def view(notification: dict[str, Any], deliveries: list[dict[str, Any]]) -> NotificationView:
     return NotificationView(
         **{field: notification.get(field) for field in NotificationView.model_fields if field != "deliveries"},
-        deliveries=[DeliveryView(**{f: d.get(f) for f in DeliveryView.model_fields}) for d in deliveries],
+        deliveries=[delivery_view(delivery) for delivery in deliveries],
     )
 
 
-def _encode(fields: dict[str, Any]) -> dict[EncodableT, EncodableT]:
+def delivery_view(delivery: dict[str, Any]) -> DeliveryView:
+    return DeliveryView(**{field: delivery.get(field) for field in DeliveryView.model_fields})
+
+
+def encode(fields: dict[str, Any]) -> dict[EncodableT, EncodableT]:
     """Each field as JSON, so numbers, None and nested values come back as they went in."""
     return {name: json.dumps(value) for name, value in fields.items()}
 
 
-def _decode(raw: dict[Any, Any]) -> dict[str, Any] | None:
+def decode(raw: dict[Any, Any]) -> dict[str, Any] | None:
     """The fields of a hash read with a bytes-returning client; None for a missing record."""
     return {name.decode(): json.loads(value) for name, value in raw.items()} if raw else None

@@ -210,7 +210,7 @@ class Problem(BaseModel):
 ChannelName = Literal["email", "webhook", "in_app"]
 NotificationPriority = Literal["urgent", "high", "normal", "low"]
 DeliveryStatus = Literal[
-    "pending", "scheduled", "sending", "delivered", "retrying", "failed", "expired", "canceled", "skipped"
+    "pending", "scheduled", "sending", "delivered", "retrying", "failed", "expired", "canceled", "skipped", "digested"
 ]
 SkipReason = Literal["opted_out"]
 ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
@@ -221,6 +221,8 @@ Token = Annotated[str, Field(pattern=ID_PATTERN)]
 TOPIC_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 Topic = Annotated[str, Field(pattern=TOPIC_PATTERN, examples=["marketing"])]
 """What a notification is about (`general`, `marketing`, `security`): users opt out per topic and channel."""
+DigestKey = Annotated[str, Field(pattern=TOPIC_PATTERN, examples=["daily-orders"])]
+MAX_DIGEST_WINDOW_SECONDS = 86_400
 
 
 class NotificationRequest(StrictModel, Schedule):
@@ -238,8 +240,25 @@ class NotificationRequest(StrictModel, Schedule):
     source_entity_id: Token | None = None
     topic: Topic = Field("general", description="the user's preferences for this topic apply")
     required: StrictBool = Field(False, description="sent whatever the user opted out of (security alerts, say)")
+    digest_key: DigestKey | None = Field(
+        None, description="gather this user's notifications of the same key and channel into one delivery"
+    )
+    digest_window_seconds: int | None = Field(
+        None, ge=1, le=MAX_DIGEST_WINDOW_SECONDS, description="how long the first one of a digest waits for others"
+    )
 
     _one_recipient = model_validator(mode="before")(one_recipient)
+
+    @model_validator(mode="after")
+    def _digest_alone(self) -> NotificationRequest:
+        """A digest decides when its notifications go out: no schedule of their own, and never urgent."""
+        if (self.digest_key is None) != (self.digest_window_seconds is None):
+            raise ValueError("give digest_key and digest_window_seconds together")
+        if self.digest_key is not None and (self.delay_seconds is not None or self.send_at is not None):
+            raise ValueError("a digested notification goes out at the end of its window: no delay_seconds or send_at")
+        if self.digest_key is not None and self.priority == "urgent":
+            raise ValueError("an urgent notification goes out at once and cannot be digested")
+        return self
 
     @model_validator(mode="after")
     def _content_and_channels(self) -> NotificationRequest:
@@ -280,6 +299,7 @@ class DeliveryAccepted(BaseModel):
     status: DeliveryStatus
     skip_reason: SkipReason | None = None
     scheduled_for: datetime | None = None
+    digest_delivery_id: str | None = None
 
 
 class NotificationAccepted(BaseModel):
@@ -304,6 +324,7 @@ class DeliveryView(BaseModel):
     delivered_at: datetime | None = None
     skip_reason: SkipReason | None = Field(None, description="why a `skipped` delivery was not sent")
     scheduled_for: datetime | None = Field(None, description="when a `scheduled` delivery is due (UTC)")
+    digest_delivery_id: str | None = Field(None, description="the digest a `digested` delivery went into")
 
 
 class NotificationView(BaseModel):
@@ -319,7 +340,26 @@ class NotificationView(BaseModel):
     source_entity_id: str | None = None
     topic: str = "general"
     required: bool = False
+    digest_key: str | None = None
+    digest_window_seconds: int | None = None
     deliveries: list[DeliveryView]
+
+
+class DigestView(BaseModel):
+    """A digest: the notifications gathered so far or sent in it, and its one delivery."""
+
+    delivery_id: str
+    user_id: str
+    channel: ChannelName
+    digest_key: str
+    status: Literal["open", "closed"] = Field(description="`open` while notifications can still join it")
+    opened_at: datetime
+    window_ends_at: datetime = Field(description="when it closes and is sent (a quiet-hours end, if later)")
+    notification_ids: list[str] = Field(description="every notification that joined it, in arrival order")
+    sent_notification_ids: list[str] | None = Field(
+        None, description="those in the message, once closed (not canceled, expired or opted out)"
+    )
+    delivery: DeliveryView
 
 
 WallClockTime = Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?$", examples=["22:00"])]

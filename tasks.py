@@ -18,12 +18,13 @@ from rq import get_current_job
 from rq.job import Job
 
 import connections
+import digests
 import metrics
 import notifications
 import preferences
 import recovery
 from channels import CHANNELS, Message, email, in_app
-from exceptions import PermanentError
+from exceptions import PermanentError, TemplateError
 from schemas import AwaitArgs, EmailArgs, NoArgs
 from settings import get_settings
 
@@ -64,6 +65,42 @@ def deliver_notification(delivery_id: str) -> dict[str, str]:
         notifications.update(connection, delivery_id, status="skipped", skip_reason=reason)
         _report(connection, "skipped", _log_fields(delivery, delivery["attempts"]))
         return {"status": "skipped"}
+    return _attempt(job, delivery)
+
+
+def deliver_digest(delivery_id: str) -> dict[str, str]:
+    """At the end of a digest's window: close it and send its one message, made from the items still
+    wanted (`digests.prepare`), as a delivery with the same retries as any other."""
+    job = get_current_job()
+    assert job is not None, "runs as an RQ job"
+    delivery = notifications.load_delivery(job.connection, delivery_id)
+    if delivery is None:
+        raise PermanentError(f"digest delivery {delivery_id} has no record (expired or deleted)")
+    if delivery["status"] == "canceled":
+        return {"status": "canceled"}
+    try:
+        prepared = digests.prepare(job.connection, delivery)
+    except TemplateError as exc:  # the digest template was broken after the service started
+        error = PermanentError(f"digest not rendered: {exc}")
+        _record_failure(job, delivery_id, error)
+        _report(job.connection, "failed", _log_fields(delivery, delivery["attempts"]), error)
+        raise error from exc
+    if isinstance(prepared, str):
+        return _settle_empty(job.connection, delivery, prepared)
+    return _attempt(job, prepared)
+
+
+def _settle_empty(connection: Redis, delivery: dict[str, Any], status: str) -> dict[str, str]:
+    """A digest with no item left to send: every one canceled, expired or opted out."""
+    reason = preferences.OPTED_OUT if status == "skipped" else None
+    notifications.update(connection, delivery["delivery_id"], status=status, skip_reason=reason)
+    _report(connection, status, _log_fields(delivery, delivery["attempts"]))
+    return {"status": status}
+
+
+def _attempt(job: Job, delivery: dict[str, Any]) -> dict[str, str]:
+    """One attempt at a delivery, its outcome recorded; a failure re-raised for RQ to retry or fail."""
+    connection, delivery_id = job.connection, delivery["delivery_id"]
     fields = _log_fields(delivery, notifications.start_attempt(connection, delivery_id))
     try:
         _deliver_once(job, delivery)

@@ -22,7 +22,7 @@ def make_template(folder: Path, name: str, **parts: str) -> Path:
 
 
 def test_shipped_templates_are_listed() -> None:
-    assert rendering.template_names() == ["order_shipped", "welcome"]
+    assert rendering.template_names() == ["digest", "order_shipped", "welcome"]
 
 
 def test_welcome_renders_every_part_with_overrides_and_fallbacks() -> None:
@@ -106,7 +106,9 @@ def test_missing_variable_is_named() -> None:
 
 
 def test_unknown_template_lists_the_known_ones() -> None:
-    with pytest.raises(TemplateError, match=r"unknown template 'nope'; known templates: order_shipped, welcome"):
+    with pytest.raises(
+        TemplateError, match=r"unknown template 'nope'; known templates: digest, order_shipped, welcome"
+    ):
         rendering.render("nope", {})
 
 
