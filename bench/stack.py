@@ -92,6 +92,7 @@ def service_environment(redis_url: str, smtp_port: int) -> dict[str, str]:
         "SMTP_PORT": str(smtp_port),
         "WEBHOOK_SECRET": f"whsec_{secret}",
         "DASHBOARD_PASSWORD": secrets.token_urlsafe(12),
+        "UNSUBSCRIBE_SECRET": secrets.token_urlsafe(32),
         "API_KEYS": API_KEY,
         "PYTHONUNBUFFERED": "1",
     }
