@@ -91,8 +91,8 @@ def service_environment(redis_url: str, smtp_port: int) -> dict[str, str]:
         "SMTP_HOST": "127.0.0.1",
         "SMTP_PORT": str(smtp_port),
         "WEBHOOK_SECRET": f"whsec_{secret}",
+        "UNSUBSCRIBE_SECRET": secrets.token_urlsafe(24),
         "DASHBOARD_PASSWORD": secrets.token_urlsafe(12),
-        "UNSUBSCRIBE_SECRET": secrets.token_urlsafe(32),
         "API_KEYS": API_KEY,
         "PYTHONUNBUFFERED": "1",
     }
