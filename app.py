@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,7 +31,6 @@ import cron
 import dispatch
 import idempotency
 import inbox
-import mcp_server
 import metrics
 import notifications
 import queues
@@ -48,6 +48,7 @@ from exceptions import (
     TemplateError,
     UnknownTaskError,
 )
+from lazy import LazyApp
 from logs import setup_logging_from
 from schemas import (
     ID_PATTERN,
@@ -82,12 +83,23 @@ log = logging.getLogger("app")
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (400, 404, 409, 413, 422, 503)}
 """Every operation's error answers: 400 a body that is not JSON, 413 a body over MAX_BODY_BYTES, and the rest."""
 
-mcp_app = mcp_server.mcp.http_app(path="/")  # MCP over streamable HTTP, mounted at /mcp/ below
+
+def mcp_http_app() -> Starlette:
+    """MCP over streamable HTTP, mounted at /mcp/ below. Made on the first MCP request: the MCP SDK and
+    FastMCP are most of what the API would otherwise import, for a route few clients use."""
+    import mcp_server
+
+    mcp_app = mcp_server.mcp.http_app(path="/")
+    gc.freeze()  # the modules just imported, out of the collector's walks too (see `lifespan`)
+    return mcp_app
+
+
+mcp_app = LazyApp(mcp_http_app, "the MCP server")
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """The MCP session manager runs with the app; the event loop's Redis clients close after it.
+    """The MCP server, once asked for, runs with the app; the event loop's Redis clients close after it.
 
     Objects made before the first start (modules, schemas, routes: most of the heap) are moved out of
     the garbage collector's generations: a full collection then no longer walks them, which stalled
@@ -96,7 +108,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not gc.get_freeze_count():
         gc.freeze()
     try:
-        async with mcp_app.lifespan(app):
+        async with mcp_app.running():
             yield
     finally:
         await connections.close_async_clients()

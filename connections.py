@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 from urllib.parse import unquote, urlsplit
 
 from redis import Redis
@@ -287,44 +287,58 @@ are not declared, which Redis Cluster would refuse; RQ does not run on a cluster
 _REPLAY_SHA = hashlib.sha1(REPLAY_SCRIPT.encode()).hexdigest()
 
 
-async def execute_async(recorded: Pipeline, replicas: int = 0, timeout_ms: int = 0) -> None:
+class Replay(NamedTuple):
+    """A script that applies recorded commands: its text, its SHA1, and the words before the commands'
+    (`numkeys`, keys, arguments of its own). `limits` appends RQ's slot script to the replay."""
+
+    script: str
+    sha: str
+    leading: tuple[Any, ...]
+
+
+REPLAY = Replay(REPLAY_SCRIPT, _REPLAY_SHA, (0,))
+
+
+async def execute_async(recorded: Pipeline, replicas: int = 0, timeout_ms: int = 0, replay: Replay = REPLAY) -> Any:
     """Apply the commands written on a blocking pipeline that was never executed (RQ's code writes
     to one) through the asyncio client, as one script: all or none, like MULTI/EXEC, but one
     command and one reply instead of a transaction's, which cost a third of an enqueue request.
+    The script's reply is returned.
 
     With `replicas`, the script is followed by `WAIT replicas timeout_ms` on the same connection, in
     the same round trip; `NotReplicatedError` when fewer replicas confirm the write.
     """
-    words: list[Any] = []
+    words: list[Any] = [*replay.leading]
     for args, _options in recorded.command_stack:
         words += [len(args), *args]
     client = async_redis_client()
     if replicas <= 0:
         try:
-            await client.evalsha(_REPLAY_SHA, 0, *words)
+            return await client.evalsha(replay.sha, *words)
         except NoScriptError:
-            await client.eval(REPLAY_SCRIPT, 0, *words)
-        return
+            return await client.eval(replay.script, *words)
     try:
-        confirmed = await _replay_and_wait(client, words, replicas, timeout_ms, by_sha=True)
+        reply, confirmed = await _replay_and_wait(client, replay, words, replicas, timeout_ms, by_sha=True)
     except NoScriptError:
-        confirmed = await _replay_and_wait(client, words, replicas, timeout_ms, by_sha=False)
+        reply, confirmed = await _replay_and_wait(client, replay, words, replicas, timeout_ms, by_sha=False)
     if confirmed < replicas:
         raise NotReplicatedError(confirmed, replicas)
+    return reply
 
 
 async def _replay_and_wait(
-    client: aioredis.Redis, words: list[Any], replicas: int, timeout_ms: int, by_sha: bool
-) -> int:
+    client: aioredis.Redis, replay: Replay, words: list[Any], replicas: int, timeout_ms: int, by_sha: bool
+) -> tuple[Any, int]:
     async with client.pipeline(transaction=False) as pipeline:
         if by_sha:
-            pipeline.evalsha(_REPLAY_SHA, 0, *words)
+            pipeline.evalsha(replay.sha, *words)
         else:
-            pipeline.eval(REPLAY_SCRIPT, 0, *words)
+            pipeline.eval(replay.script, *words)
         pipeline.execute_command("WAIT", replicas, timeout_ms)
         try:
-            return int((await pipeline.execute())[1])
+            reply, confirmed = await pipeline.execute()
+            return reply, int(confirmed)
         except NoScriptError:
             raise
         except RedisError:  # the script ran, or may have: the job may exist
-            return 0
+            return None, 0

@@ -12,27 +12,41 @@ the workers release slots through RQ's own end-of-job code.
 RQ refuses a rate-limited job in a caller's pipeline (`enqueue_job`), because a later save of the job
 on that pipeline would overwrite the status its promotion writes. The service never saves a job after
 submitting it, so `submit` here writes RQ's rate-limited enqueue into the caller's transaction; the
-API's asyncio path, whose transaction is replayed by one Lua script (which may not call another), asks
-for the slot just after (`promote_async`), as RQ itself does outside a pipeline.
+API's asyncio path, whose commands are recorded and applied by one Lua script, gets RQ's slot script
+appended to that script (`execute_async`): the job and its slot are one command, all or none.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
+from redis import Redis
 from redis.client import Pipeline
-from redis.exceptions import NoScriptError
 from rq import Queue, RateLimit
 from rq.job import Job, JobStatus
 from rq.rate_limit import ACQUIRE_AND_ENQUEUE_SCRIPT, RateLimitRegistry
 from rq.utils import now, utcformat
 
+import connections
 from settings import Settings
 
-_ACQUIRE_SHA = hashlib.sha1(ACQUIRE_AND_ENQUEUE_SCRIPT.encode()).hexdigest()
+REPLAY_AND_ACQUIRE_SCRIPT = (
+    """
+local i = 6
+while i <= #ARGV do
+  local count = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + count))
+  i = i + count + 1
+end
+"""
+    + ACQUIRE_AND_ENQUEUE_SCRIPT
+)
+"""`connections.REPLAY_SCRIPT` on the words after RQ's five arguments, then RQ's own slot script on those."""
+_REPLAY_AND_ACQUIRE_SHA = hashlib.sha1(REPLAY_AND_ACQUIRE_SCRIPT.encode()).hexdigest()
 
 
 def for_webhook(url: str, settings: Settings) -> RateLimit:
@@ -66,33 +80,42 @@ def submit(queue: Queue, job: Job, pipeline: Pipeline) -> None:
 
 
 def submit_recorded(queue: Queue, job: Job, pipeline: Pipeline) -> None:
-    """`submit` without the promotion, for a recorded pipeline replayed by a script: `promote_async`
-    asks for the slot after the replay. Meanwhile the job waits like any job over the cap, and any end
-    of a job of the same key, or RQ's maintenance, promotes it as well."""
+    """`submit` without the promotion, for a recorded pipeline replayed by a script: `execute_async`
+    applies it and asks for the slot in the same script."""
     assert job.rate_limit_key and job.rate_limit_concurrency
     job.redis_server_version = queue.get_redis_server_version()
     job.origin = queue.name
     if job.timeout is None:
         job.timeout = queue._default_timeout
     job._status = JobStatus.RATE_LIMITED
-    registry = RateLimitRegistry.from_job(job)
+    registry = _registry(job.rate_limit_key, job.connection)
     pipeline.sadd(queue.redis_queues_keys, queue.key)
     registry.register(job.rate_limit_concurrency, pipeline)
     job.save(pipeline=pipeline)
     registry.add_to_rate_limited(job.id, pipeline)
 
 
-async def promote_async(client: Any, job: Job) -> None:
-    """RQ's `acquire_and_enqueue` for `job`'s key through the asyncio client; the job's status follows."""
+@lru_cache(maxsize=64)
+def _registry(key: str, connection: Redis) -> RateLimitRegistry:
+    """The registry of a key, made once: RQ's constructor registers four scripts, a tenth of an enqueue.
+    Only its key names and pipeline methods are used (its `concurrency` is read once and cached)."""
+    return RateLimitRegistry(key, connection=connection)
+
+
+async def execute_async(recorded: Pipeline, job: Job, replicas: int = 0, timeout_ms: int = 0) -> None:
+    """Apply `recorded` (holding `submit_recorded`'s commands) and ask for `job`'s slot as RQ's
+    `acquire_and_enqueue` does, in one script (`connections.execute_async`, with its `WAIT` for
+    replicas); the job's status follows.
+
+    One command, so a Redis failure cannot leave a job written whose request failed: a second command
+    for the slot could fail after the job was saved, and the client, answered 503, would send it again.
+    """
     assert job.rate_limit_key and job.rate_limit_concurrency
-    registry = RateLimitRegistry.from_job(job)
-    enqueued_at = now()
-    words = [2, registry.allowed_key, registry.rate_limited_key, job.rate_limit_concurrency, time.time()]
-    words += [utcformat(enqueued_at), Queue.redis_queue_namespace_prefix, Job.redis_job_namespace_prefix]
-    try:
-        promoted = await client.evalsha(_ACQUIRE_SHA, *words)
-    except NoScriptError:
-        promoted = await client.eval(ACQUIRE_AND_ENQUEUE_SCRIPT, *words)
+    registry, enqueued_at = _registry(job.rate_limit_key, job.connection), now()
+    leading: tuple[Any, ...] = (2, registry.allowed_key, registry.rate_limited_key, job.rate_limit_concurrency)
+    leading += (time.time(), utcformat(enqueued_at), Queue.redis_queue_namespace_prefix, Job.redis_job_namespace_prefix)
+    replay = connections.Replay(REPLAY_AND_ACQUIRE_SCRIPT, _REPLAY_AND_ACQUIRE_SHA, leading)
+    promoted = await connections.execute_async(recorded, replicas, timeout_ms, replay)
     if job.id.encode() in promoted:
         job._status, job.enqueued_at = JobStatus.QUEUED, enqueued_at
 

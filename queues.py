@@ -200,9 +200,11 @@ async def enqueue_task_async(
     recorder.multi()
     _write(queue, job, task, due, recorder, recorded=True)
     settings = get_settings()
-    await connections.execute_async(recorder, settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
-    if job.get_status(refresh=False) == JobStatus.RATE_LIMITED:
-        await limits.promote_async(connections.async_redis_client(), job)
+    replicas = (settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
+    if job.get_status(refresh=False) == JobStatus.RATE_LIMITED:  # its slot asked for in the same script
+        await limits.execute_async(recorder, job, *replicas)
+    else:
+        await connections.execute_async(recorder, *replicas)
     return job
 
 
@@ -314,7 +316,7 @@ def submit(queue: Queue, job: Job, due: datetime | None, pipeline: Pipeline, rec
     rq-scheduler's own `enqueue_at` would drop the job's `Retry`, so the job is written here, and the
     caller's transaction makes the job and its place in the queue or schedule appear together.
     A job with a per-destination limit (`limits`) waits for its slot instead (`recorded`: `pipeline`
-    is replayed by a script, and the caller asks for the slot after it, `limits.promote_async`).
+    is replayed by a script that asks for the slot too, `limits.execute_async`).
     """
     metrics.job_submitted(pipeline, job)
     if due is None and job.has_rate_limit:

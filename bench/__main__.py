@@ -123,8 +123,12 @@ SECTIONS = {
 }
 
 
-ONLY = {"peers": "8.", "deliveries": "9."}
-"""`--only` choices: the title prefix of the section each measures."""
+ONLY: dict[str, tuple[str, ...]] = {
+    "api": ("api rate", "api p50", "api p99", "rss api"),
+    "peers": peer_bench.SECTION_KEYS,
+    "deliveries": peer_bench.DELIVERY_KEYS,
+}
+"""`--only` choices: the rows each measures."""
 
 
 def progress(message: str) -> None:
@@ -292,14 +296,27 @@ def describe(stack: Stack, config: Config) -> list[str]:
     ]
 
 
+def warm_up_api(stack: Stack, config: Config, rows: dict[str, Row]) -> None:
+    """One second of each load, not counted; then the memory baseline, the minimal app."""
+    for path in ("/healthz", "/send-email"):
+        api.run_load(stack.workdir, f"{stack.api_url}{path}", api.EMAIL if path != "/healthz" else None, 1)
+    rows["rss api"].baseline_samples.append(minimal_app_rss(stack, config.api_seconds))
+    stack.flush()
+
+
+def run_api(stack: Stack, config: Config, rows: dict[str, Row]) -> None:
+    """`--only api`: section 1 and the API's memory, without the rest."""
+    warm_up_api(stack, config, rows)
+    for run in range(config.runs):
+        progress(f"run {run + 1}/{config.runs}: API")
+        measure_api(stack, rows, config, run)
+
+
 def run_all(stack: Stack, config: Config, rows: dict[str, Row]) -> None:
     batch = api.find_batch(stack.api_url)
     if isinstance(batch, str):
         rows["batch"].note = batch
-    for path in ("/healthz", "/send-email"):  # warm-up, not counted
-        api.run_load(stack.workdir, f"{stack.api_url}{path}", api.EMAIL if path != "/healthz" else None, 1)
-    rows["rss api"].baseline_samples.append(minimal_app_rss(stack, config.api_seconds))
-    stack.flush()
+    warm_up_api(stack, config, rows)
     for run in range(config.runs):
         progress(f"run {run + 1}/{config.runs}: API, bulk enqueue, workers, latency")
         measure_api(stack, rows, config, run)
@@ -324,8 +341,8 @@ def measure_deliveries(stack: Stack, rows: dict[str, Row], config: Config) -> No
 
 
 def render(header: list[str], rows: dict[str, Row], seconds: float, only: str | None = None) -> str:
-    chosen = {title: keys for title, keys in SECTIONS.items() if only is None or title.startswith(ONLY[only])}
-    sections = {title: [rows[key] for key in keys] for title, keys in chosen.items()}
+    chosen = {title: [key for key in keys if only is None or key in ONLY[only]] for title, keys in SECTIONS.items()}
+    sections = {title: [rows[key] for key in keys] for title, keys in chosen.items() if keys}
     footer = "ratio = median / baseline's median; met: the target against the median (sections 5 and 7:"
     footer += f" the worst run); total {seconds:.0f} s"
     return "\n".join([*header, "", table(sections), "", footer])
@@ -334,7 +351,7 @@ def render(header: list[str], rows: dict[str, Row], seconds: float, only: str | 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 runs, shorter loads and caps")
-    parser.add_argument("--only", choices=sorted(ONLY), help="measure this section only")
+    parser.add_argument("--only", choices=sorted(ONLY), help="measure only: api (1, memory), peers (8), deliveries (9)")
     options = parser.parse_args(argv)
     config = QUICK if options.quick else FULL
     rows, started = make_rows(config), time.perf_counter()
@@ -346,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
             measure_peers(stack, rows, config)
         elif options.only == "deliveries":
             measure_deliveries(stack, rows, config)
+        elif options.only == "api":
+            run_api(stack, config, rows)
         else:
             run_all(stack, config, rows)
     print(render(header, rows, time.perf_counter() - started, options.only), flush=True)

@@ -3,12 +3,15 @@ count how many requests they hold at once, and the `rate_limited` status of a jo
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from redis import Redis
+from redis import asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from rq.rate_limit import RateLimitRegistry
 
 import limits
@@ -121,3 +124,43 @@ def test_the_limit_key_is_the_host_of_the_url_and_the_smtp_server() -> None:
     assert limits.for_channel("email", "x@example.com", settings).key == "smtp:mail.example.com:587"  # type: ignore[union-attr]
     assert limits.for_channel("in_app", None, settings) is None
     assert limits.for_smtp(settings.model_copy(update={"smtp_host": None})) is None
+
+
+def _failing_command(real: Callable[..., Awaitable[Any]], failing: int) -> Callable[..., Awaitable[Any]]:
+    """`execute_command` of the asyncio client, raising instead of sending the `failing`-th command."""
+    sent = 0
+
+    async def flaky(self: aioredis.Redis, *args: Any, **options: Any) -> Any:
+        nonlocal sent
+        sent += 1
+        if sent == failing:
+            raise RedisConnectionError("injected: the connection dropped before this command")
+        return await real(self, *args, **options)
+
+    return flaky
+
+
+def test_send_email_answered_503_wrote_nothing_and_202_holds_its_slot(
+    client: TestClient, smtp: MailSink, limited: None, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis failing on each command of the asyncio path in turn: the answer is a 202 for a job queued in
+    its slot, or a 503 for no job at all; never a 503 for a job that is sent all the same (a client
+    would send it again), which is what a slot asked for in a second command after the job left."""
+    email = {"to": "ann@example.com", "subject": "Hello", "body": "Hi"}
+    real, key = aioredis.Redis.execute_command, limits.for_smtp(get_settings()).key  # type: ignore[union-attr]
+    outcomes = []
+    for failing in range(1, 7):
+        monkeypatch.setattr(aioredis.Redis, "execute_command", _failing_command(real, failing))
+        queues._known_lengths.clear()  # the queue's length is read again: one command more to fail
+        answer = client.post("/send-email", json=email)
+        monkeypatch.setattr(aioredis.Redis, "execute_command", real)
+        outcomes.append(answer.status_code)
+        if answer.status_code == 503:
+            assert redis.keys("rq:job:*") == [], f"command {failing} failed: a 503, but the job was written"
+        else:
+            assert answer.status_code == 202, answer.text
+            job_id = answer.json()["job_id"]
+            assert client.get(f"/job/{job_id}").json()["status"] == "queued"
+            assert RateLimitRegistry(key, connection=redis).get_allowed_job_ids() == [job_id]
+        redis.flushdb()  # the test's own server
+    assert 503 in outcomes and outcomes[-1] == 202

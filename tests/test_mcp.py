@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -192,3 +196,38 @@ def test_served_over_streamable_http_by_the_api_behind_its_key(
     assert view == httpx.get(f"{api}{accepted['status_url']}", headers=auth).json()
     assert (view["id"], view["task"], view["status"]) == (accepted["job_id"], "noop", "queued")
     assert note["correlation_id"] == "agent-7"
+
+
+LAZY_CHECK = """
+import json, sys
+from fastapi.testclient import TestClient
+import app
+HEAVY = ("mcp", "fastmcp", "flask", "rq_dashboard")
+def loaded():
+    return sorted(name for name in HEAVY if name in sys.modules)
+seen = {"at start": loaded()}
+with TestClient(app.app) as client:
+    seen["after /send-email"] = [client.post("/send-email", json=%(email)r).status_code, loaded()]
+    seen["after /rq/"] = [client.get("/rq/", auth=("admin", "pw-lazy")).status_code, loaded()]
+    ping = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18",
+            "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+    accept = {"Accept": "application/json, text/event-stream"}
+    answer = client.post("/mcp/", json=ping, headers=accept)
+    seen["after /mcp/"] = [answer.status_code, "serverInfo" in answer.text, loaded()]
+print(json.dumps(seen))
+"""
+
+
+def test_the_mcp_server_and_the_dashboard_are_imported_on_their_first_request(
+    env: dict[str, str], redis: Redis
+) -> None:
+    """Their libraries are most of the API's memory: a process that never serves them never holds them."""
+    environment = {**os.environ, "DASHBOARD_USERNAME": "admin", "DASHBOARD_PASSWORD": "pw-lazy", "LOG_LEVEL": "warning"}
+    command = [sys.executable, "-c", LAZY_CHECK % {"email": EMAIL}]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["at start"] == []
+    assert seen["after /send-email"] == [202, []]
+    assert seen["after /rq/"] == [200, ["flask", "rq_dashboard"]]
+    assert seen["after /mcp/"] == [200, True, ["fastmcp", "flask", "mcp", "rq_dashboard"]]
