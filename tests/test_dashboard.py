@@ -164,7 +164,7 @@ def api_url(redis: Redis) -> Iterator[str]:
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: process.poll() is not None or _answers(f"{url}/healthz"), what="the API to answer")
+        wait_until(lambda: process.poll() is not None or _answers(f"{url}/healthz"), 30, what="the API to answer")
         assert process.poll() is None, "uvicorn exited at start"
         yield url
     finally:

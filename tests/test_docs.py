@@ -40,7 +40,7 @@ def api_url(redis: Redis) -> Iterator[str]:
     try:
         url = f"http://127.0.0.1:{port}"
         healthy = lambda: process.poll() is not None or test_dashboard._answers(f"{url}/healthz")  # noqa: E731
-        wait_until(healthy, what="the API to answer")
+        wait_until(healthy, timeout=30, what="the API to answer")
         assert process.poll() is None, "uvicorn exited at start"
         yield url
     finally:

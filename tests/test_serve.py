@@ -148,10 +148,9 @@ def _stops_everything_redis_last(stack: Stack, signum: int) -> None:
         redis_alive = _alive(redis)  # looked at first: a process alive after this was alive when Redis died
         running = [pid for pid in others if _alive(pid)]
         assert redis_alive or not running, f"Redis stopped while {running} still ran"
-        return not redis_alive and not running
+        return not redis_alive and not running and all(port_is_free("127.0.0.1", port) for port in stack.ports.values())
 
-    wait_until(all_gone, timeout=STOP_DEADLINE_SECONDS, interval=0.005, what="every process to stop")
-    assert all(port_is_free("127.0.0.1", port) for port in stack.ports.values())
+    wait_until(all_gone, timeout=STOP_DEADLINE_SECONDS, interval=0.005, what="every process to stop, every port free")
 
 
 def test_run_command_serves_mail_refuses_a_second_copy_and_stops_cleanly(start_stack: Callable[..., Stack]) -> None:
