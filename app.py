@@ -25,19 +25,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import connections
-import cron
-import dispatch
-import idempotency
-import inbox
-import mcp_server
-import metrics
-import notifications
-import queues
-import unsubscribe as unsubscribe_links
-from dashboard import mount_dashboard
-from digests import DigestBusyError
-from exceptions import (
+from herald.api import idempotency, inbox, mcp_server
+from herald.api.dashboard import mount_dashboard
+from herald.api.security import DOCS_ASSETS_PATH, ApiKeyMiddleware, BodyLimitMiddleware, is_open
+from herald.exceptions import (
     IdempotencyConflict,
     JobNotFoundError,
     JobStateError,
@@ -48,8 +39,13 @@ from exceptions import (
     TemplateError,
     UnknownTaskError,
 )
-from logs import setup_logging_from
-from schemas import (
+from herald.infra import connections, metrics
+from herald.infra.logs import setup_logging_from
+from herald.jobs import cron, queues
+from herald.notify import dispatch, notifications
+from herald.notify import unsubscribe as unsubscribe_links
+from herald.notify.digests import DigestBusyError
+from herald.schemas import (
     ID_PATTERN,
     JOB_ID_PATTERN,
     ChannelName,
@@ -73,7 +69,6 @@ from schemas import (
     Unsubscribed,
     UserContact,
 )
-from security import DOCS_ASSETS_PATH, ApiKeyMiddleware, BodyLimitMiddleware, is_open
 from settings import get_settings, settings_or_exit
 
 setup_logging_from(settings_or_exit())

@@ -32,10 +32,10 @@ from rq.scheduler import RQScheduler
 from rq.utils import now
 from rq_scheduler import Scheduler
 
-import connections
-import cron
-import recovery
-from logs import setup_logging_from
+from herald.infra import connections
+from herald.infra.logs import setup_logging_from
+from herald.jobs import cron
+from herald.rq_seam import recovery
 from settings import QUEUE_NAMES, Settings, settings_or_exit
 from tasks import TASKS
 

@@ -32,12 +32,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.worker import BaseWorker
 from rq.worker_pool import ForkProcess, WorkerData, WorkerPool
 
-import connections
 import tasks  # noqa: F401  # imported once here, before forking: each process would import it again
-from logs import setup_logging_from
-from recovery import RecoveringSimpleWorker, RecoveringWorker
+from herald.infra import connections
+from herald.infra.logs import setup_logging_from
+from herald.rq_seam.recovery import RecoveringSimpleWorker, RecoveringWorker
+from herald.rq_seam.threaded import ThreadedWorker
 from settings import QUEUE_NAMES, get_settings, settings_or_exit
-from threaded import ThreadedWorker
 
 log = logging.getLogger("worker")
 RESTART_DELAY_SECONDS = 2

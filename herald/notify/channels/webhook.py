@@ -57,8 +57,8 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
-from channels.base import Message
-from exceptions import PermanentError, TransientError
+from herald.exceptions import PermanentError, TransientError
+from herald.notify.channels.base import Message
 from settings import get_settings
 
 logger = logging.getLogger(__name__)

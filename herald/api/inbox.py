@@ -16,9 +16,9 @@ from pydantic import BaseModel
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-import connections
-from channels import in_app
-from schemas import Problem
+from herald.infra import connections
+from herald.notify.channels import in_app
+from herald.schemas import Problem
 
 log = logging.getLogger("inbox")
 

@@ -1,6 +1,6 @@
 """A local SMTP server that keeps every message: the run command's mail sink, and the tests'.
 
-`python mailsink.py --port 8025 --maildir var/mail` prints one line per message and saves it
+`python -m herald.mailsink --port 8025 --maildir var/mail` prints one line per message and saves it
 as an `.eml` file. Tests use `MailSink` directly, and can make it refuse the next messages.
 """
 

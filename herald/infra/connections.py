@@ -35,7 +35,7 @@ from redis.sentinel import Sentinel
 from redis.typing import EncodableT
 from redis.utils import HIREDIS_AVAILABLE
 
-from exceptions import NotReplicatedError
+from herald.exceptions import NotReplicatedError
 from settings import Settings, get_settings
 
 SENTINEL_SCHEME = "redis+sentinel"

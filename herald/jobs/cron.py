@@ -20,8 +20,8 @@ from redis import Redis
 from rq.cron import CronJob, CronScheduler, get_cron_job_ids
 from rq.job import Job
 
-import queues
-from schemas import PeriodicJobList, PeriodicJobView, PeriodicRun, Priority
+from herald.jobs import queues
+from herald.schemas import PeriodicJobList, PeriodicJobView, PeriodicRun, Priority
 from tasks import TASKS
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
@@ -78,7 +78,7 @@ def next_run_after(cron: str | None, interval: int | None, after: datetime) -> d
     """The first run time strictly after `after`: RQ's own cron arithmetic, or the interval's grid."""
     if interval:
         return last_interval_run(interval, after) + timedelta(seconds=interval)
-    probe = CronJob(queue_name="default", func_name="cron.next_run_after", cron=cron)
+    probe = CronJob(queue_name="default", func_name="herald.jobs.cron.next_run_after", cron=cron)
     probe.latest_enqueue_time = after
     return probe.get_next_enqueue_time()
 

@@ -27,12 +27,17 @@ from rq.registry import DeferredJobRegistry, FailedJobRegistry, FinishedJobRegis
 from rq.results import Result
 from rq.utils import get_call_string
 
-import connections
-import limits
-import metrics
-import metrics_hooks
-from exceptions import JobNotFoundError, JobStateError, PermanentError, QueueFullError, ServiceError, UnknownTaskError
-from schemas import JobAccepted, JobError, JobView, Priority
+from herald.exceptions import (
+    JobNotFoundError,
+    JobStateError,
+    PermanentError,
+    QueueFullError,
+    ServiceError,
+    UnknownTaskError,
+)
+from herald.infra import connections, metrics, metrics_hooks
+from herald.jobs import limits
+from herald.schemas import JobAccepted, JobError, JobView, Priority
 from settings import QUEUE_NAMES, Settings, get_settings
 from tasks import TASKS, Task
 

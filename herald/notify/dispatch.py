@@ -12,19 +12,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import digests
-import limits
-import metrics
-import notifications
-import preferences
-import queues
-import rendering
 import tasks
-import unsubscribe as unsubscribe_links
-from channels.base import Message
-from channels.webhook import check_url
-from exceptions import JobNotFoundError, JobStateError, TargetError
-from schemas import (
+from herald.exceptions import JobNotFoundError, JobStateError, TargetError
+from herald.infra import metrics
+from herald.jobs import limits, queues
+from herald.notify import digests, notifications, preferences, rendering
+from herald.notify import unsubscribe as unsubscribe_links
+from herald.notify.channels.base import Message
+from herald.notify.channels.webhook import check_url
+from herald.schemas import (
     QUEUE_OF_PRIORITY,
     DigestView,
     NotificationAccepted,

@@ -22,10 +22,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-import dispatch
-import queues
-from exceptions import ServiceError
-from schemas import (
+from herald.exceptions import ServiceError
+from herald.jobs import queues
+from herald.notify import dispatch
+from herald.schemas import (
     JOB_ID_PATTERN,
     JobAccepted,
     JobPage,

@@ -11,9 +11,9 @@ from email.message import EmailMessage
 from email.policy import Policy
 from email.utils import format_datetime, make_msgid
 
-import unsubscribe
-from channels.base import Message
-from exceptions import PermanentError, TransientError
+from herald.exceptions import PermanentError, TransientError
+from herald.notify import unsubscribe
+from herald.notify.channels.base import Message
 from settings import Settings, get_settings
 
 

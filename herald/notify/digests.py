@@ -32,13 +32,11 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
 
-import metrics
-import notifications
-import preferences
-import rendering
-from channels.base import Message
-from exceptions import ServiceError
-from schemas import DigestView, Preferences
+from herald.exceptions import ServiceError
+from herald.infra import metrics
+from herald.notify import notifications, preferences, rendering
+from herald.notify.channels.base import Message
+from herald.schemas import DigestView, Preferences
 
 TEMPLATE = "digest"
 ITEM_FIELDS = ("notification_id", "title", "body", "created_at")

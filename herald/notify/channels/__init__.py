@@ -4,8 +4,8 @@ A channel function takes the `Message` of one delivery and returns once it is de
 raises `exceptions.TransientError` (worth retrying) or `exceptions.PermanentError` otherwise.
 """
 
-from channels import email, in_app, webhook
-from channels.base import Channel, Message
+from herald.notify.channels import email, in_app, webhook
+from herald.notify.channels.base import Channel, Message
 
 CHANNELS: dict[str, Channel] = {
     "email": email.send_notification,

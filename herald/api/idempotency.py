@@ -12,7 +12,7 @@ from typing import Any
 
 from redis import Redis
 
-from exceptions import IdempotencyConflict
+from herald.exceptions import IdempotencyConflict
 
 TTL_SECONDS = 24 * 3600
 KEY_PATTERN = r"^[A-Za-z0-9_.:-]{1,255}$"

@@ -6,8 +6,7 @@ Each hook is called by name (`metrics_hooks.record_rejection(...)`), so replacin
 
 from __future__ import annotations
 
-import connections
-import metrics
+from herald.infra import connections, metrics
 
 
 def record_rejection(queue: str) -> None:

@@ -22,7 +22,7 @@ from rq.job import Job
 from rq.timeouts import TimerDeathPenalty
 from rq.worker import WorkerStatus
 
-from recovery import RecoveringSimpleWorker
+from herald.rq_seam.recovery import RecoveringSimpleWorker
 
 FREE_THREAD_WAIT_SECONDS = 1.0
 """How long the main loop waits for a free thread before it sends a heartbeat and looks again."""

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-import quiet_hours
+from herald.notify import quiet_hours
 from settings import get_settings
 
 Priority = Literal["high", "default", "low"]

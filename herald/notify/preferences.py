@@ -21,8 +21,8 @@ from zoneinfo import ZoneInfo
 from redis import Redis
 from redis.typing import EncodableT
 
-import quiet_hours
-from schemas import ChannelName, Preferences, QuietHours
+from herald.notify import quiet_hours
+from herald.schemas import ChannelName, Preferences, QuietHours
 
 OPTED_OUT = "opted_out"
 CHANNELS: tuple[ChannelName, ...] = get_args(ChannelName)

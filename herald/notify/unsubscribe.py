@@ -17,7 +17,7 @@ import re
 from html import escape
 from typing import NamedTuple, get_args
 
-from schemas import ID_PATTERN, TOPIC_PATTERN, ChannelName
+from herald.schemas import ID_PATTERN, TOPIC_PATTERN, ChannelName
 from settings import Settings
 
 CHANNELS = get_args(ChannelName)

@@ -20,9 +20,9 @@ from typing import Any
 from redis import Redis
 from redis.exceptions import RedisError
 
-import connections
-from channels.base import Message
-from exceptions import PermanentError, TransientError
+from herald.exceptions import PermanentError, TransientError
+from herald.infra import connections
+from herald.notify.channels.base import Message
 from settings import get_settings
 
 USER_ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"

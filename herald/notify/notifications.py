@@ -16,8 +16,8 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.typing import EncodableT
 
-from channels.base import Message
-from schemas import DeliveryView, NotificationView
+from herald.notify.channels.base import Message
+from herald.schemas import DeliveryView, NotificationView
 
 RECORD_TTL_SECONDS = 30 * 86_400
 OPEN_STATUSES = {"pending", "scheduled", "retrying"}
