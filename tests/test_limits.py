@@ -12,8 +12,9 @@ from redis import Redis
 from rq.rate_limit import RateLimitRegistry
 
 from herald.api.dashboard import mount_dashboard
-from herald.jobs import limits, queues
+from herald.jobs import queues
 from herald.mailsink import MailSink
+from herald.rq_seam import limits
 from settings import get_settings
 from tests.conftest import StartProcess
 from tests.helpers import wait_until

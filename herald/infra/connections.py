@@ -11,7 +11,6 @@ that points `REDIS_URL` elsewhere and clears `get_settings` gets a client of the
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,9 +26,8 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.asyncio.sentinel import SentinelManagedConnection as AsyncSentinelConnection
 from redis.backoff import NoBackoff
-from redis.client import Pipeline
 from redis.connection import Connection, ConnectionPool, HiredisRespSerializer
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 from redis.typing import EncodableT
@@ -271,60 +269,3 @@ async def close_async_clients() -> None:
     for client, sentinels in _async_clients.pop(asyncio.get_running_loop(), {}).values():
         for each in (client, *sentinels):
             await each.aclose()
-
-
-REPLAY_SCRIPT = """
-local i = 1
-while i <= #ARGV do
-  local count = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + count))
-  i = i + count + 1
-end
-return i
-"""
-"""Run the commands in ARGV, each as its word count followed by its words, in one atomic step. Its keys
-are not declared, which Redis Cluster would refuse; RQ does not run on a cluster either."""
-_REPLAY_SHA = hashlib.sha1(REPLAY_SCRIPT.encode()).hexdigest()
-
-
-async def execute_async(recorded: Pipeline, replicas: int = 0, timeout_ms: int = 0) -> None:
-    """Apply the commands written on a blocking pipeline that was never executed (RQ's code writes
-    to one) through the asyncio client, as one script: all or none, like MULTI/EXEC, but one
-    command and one reply instead of a transaction's, which cost a third of an enqueue request.
-
-    With `replicas`, the script is followed by `WAIT replicas timeout_ms` on the same connection, in
-    the same round trip; `NotReplicatedError` when fewer replicas confirm the write.
-    """
-    words: list[Any] = []
-    for args, _options in recorded.command_stack:
-        words += [len(args), *args]
-    client = async_redis_client()
-    if replicas <= 0:
-        try:
-            await client.evalsha(_REPLAY_SHA, 0, *words)
-        except NoScriptError:
-            await client.eval(REPLAY_SCRIPT, 0, *words)
-        return
-    try:
-        confirmed = await _replay_and_wait(client, words, replicas, timeout_ms, by_sha=True)
-    except NoScriptError:
-        confirmed = await _replay_and_wait(client, words, replicas, timeout_ms, by_sha=False)
-    if confirmed < replicas:
-        raise NotReplicatedError(confirmed, replicas)
-
-
-async def _replay_and_wait(
-    client: aioredis.Redis, words: list[Any], replicas: int, timeout_ms: int, by_sha: bool
-) -> int:
-    async with client.pipeline(transaction=False) as pipeline:
-        if by_sha:
-            pipeline.evalsha(_REPLAY_SHA, 0, *words)
-        else:
-            pipeline.eval(REPLAY_SCRIPT, 0, *words)
-        pipeline.execute_command("WAIT", replicas, timeout_ms)
-        try:
-            return int((await pipeline.execute())[1])
-        except NoScriptError:
-            raise
-        except RedisError:  # the script ran, or may have: the job may exist
-            return 0

@@ -12,20 +12,22 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from croniter import croniter
 from redis import Redis
-from rq.cron import CronJob, CronScheduler, get_cron_job_ids
+from rq.cron import CronScheduler, get_cron_job_ids
 from rq.job import Job
 
 from herald.jobs import queues
+from herald.rq_seam.schedulers import last_interval_run as last_interval_run
+from herald.rq_seam.schedulers import latest_due as latest_due
+from herald.rq_seam.schedulers import next_run_after as next_run_after
 from herald.schemas import PeriodicJobList, PeriodicJobView, PeriodicRun, Priority
 from tasks import TASKS
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -72,34 +74,6 @@ def register(job: PeriodicJob) -> PeriodicJob:
 
 register(PeriodicJob("purge_expired", task="purge_expired", cron="15 3 * * *", priority="low"))
 """Daily housekeeping at 03:15: inbox items past `INBOX_RETENTION_DAYS`."""
-
-
-def next_run_after(cron: str | None, interval: int | None, after: datetime) -> datetime:
-    """The first run time strictly after `after`: RQ's own cron arithmetic, or the interval's grid."""
-    if interval:
-        return last_interval_run(interval, after) + timedelta(seconds=interval)
-    probe = CronJob(queue_name="default", func_name="herald.jobs.cron.next_run_after", cron=cron)
-    probe.latest_enqueue_time = after
-    return probe.get_next_enqueue_time()
-
-
-def last_interval_run(interval: int, at: datetime) -> datetime:
-    """The latest run time of an interval job at or before `at`: a multiple of `interval` since the epoch."""
-    elapsed = int((at - EPOCH).total_seconds())
-    return EPOCH + timedelta(seconds=elapsed - elapsed % interval)
-
-
-def latest_due(job: CronJob, current: datetime) -> datetime:
-    """The latest run time of `job` at or before `current` (a job that fell behind skips to it).
-
-    Every process that handles the run computes the same time, whatever its own tick or start time.
-    """
-    if job.interval:
-        return last_interval_run(job.interval, current)
-    due = job.next_enqueue_time or current
-    while (following := next_run_after(job.cron, None, due)) <= current:
-        due = following
-    return due
 
 
 def periodic_jobs(connection: Redis) -> PeriodicJobList:

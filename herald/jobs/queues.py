@@ -36,7 +36,7 @@ from herald.exceptions import (
     UnknownTaskError,
 )
 from herald.infra import connections, metrics, metrics_hooks
-from herald.jobs import limits
+from herald.rq_seam import enqueue, limits, replay
 from herald.schemas import JobAccepted, JobError, JobView, Priority
 from settings import QUEUE_NAMES, Settings, get_settings
 from tasks import TASKS, Task
@@ -192,20 +192,20 @@ async def enqueue_task_async(
     name: str, kwargs: dict[str, Any] | BaseModel, priority: Priority = "default", due: datetime | None = None
 ) -> Job:
     """`enqueue_task` for the API's event loop: the same job and the same commands, applied through the
-    asyncio client in one atomic round trip (`connections.execute_async`), so no thread waits for Redis.
+    asyncio client in one atomic round trip (`replay.execute_async`), so no thread waits for Redis.
 
     `kwargs` may be an instance of the task's arguments model, already validated by the caller.
     """
     task, arguments, queue = _checked(name, kwargs, priority, due)
     await ensure_capacity_async(queue)
-    if not getattr(queue.connection, "__rq_redis_server_version", None):  # RQ's cache of INFO, once per client
+    if not enqueue.knows_server_version(queue.connection):
         await asyncio.to_thread(queue.get_redis_server_version)
     job = _created(queue, task, name, arguments)
     recorder = get_redis().pipeline()  # never executed: RQ writes its commands here, for the replay
     recorder.multi()
     _write(queue, job, task, due, recorder, recorded=True)
     settings = get_settings()
-    await connections.execute_async(recorder, settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
+    await replay.execute_async(recorder, settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
     if job.get_status(refresh=False) == JobStatus.RATE_LIMITED:
         await limits.promote_async(connections.async_redis_client(), job)
     return job
@@ -254,9 +254,9 @@ def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> list[s
     queue, settings = get_queue(priority), get_settings()
     ensure_capacity(queue)
     model = _created(queue, TASKS["send_email"], "send_email", messages[0])
-    queue._prepare_for_queue(model)  # what `enqueue_job` sets before saving: origin, enqueued_at, status
+    enqueue.prepare_for_queue(queue, model)
     if model.has_rate_limit:
-        model._status = JobStatus.RATE_LIMITED  # each waits for its slot: `limits.submit_many`
+        enqueue.mark_rate_limited(model)  # each waits for its slot: `limits.submit_many`
     ids, copy = [str(uuid4()) for _ in messages], queue.get_redis_server_version() >= (6, 2, 0)
     with transaction() as pipeline:
         template: dict[Any, Any] = model.to_dict()

@@ -15,11 +15,12 @@ from typing import Any
 import tasks
 from herald.exceptions import JobNotFoundError, JobStateError, TargetError
 from herald.infra import metrics
-from herald.jobs import limits, queues
+from herald.jobs import queues
 from herald.notify import digests, notifications, preferences, rendering
 from herald.notify import unsubscribe as unsubscribe_links
 from herald.notify.channels.base import Message
 from herald.notify.channels.webhook import check_url
+from herald.rq_seam import limits
 from herald.schemas import (
     QUEUE_OF_PRIORITY,
     DigestView,
