@@ -91,6 +91,7 @@ def service_environment(redis_url: str, smtp_port: int) -> dict[str, str]:
         "SMTP_HOST": "127.0.0.1",
         "SMTP_PORT": str(smtp_port),
         "WEBHOOK_SECRET": f"whsec_{secret}",
+        "UNSUBSCRIBE_SECRET": secrets.token_urlsafe(24),
         "DASHBOARD_PASSWORD": secrets.token_urlsafe(12),
         "API_KEYS": API_KEY,
         "PYTHONUNBUFFERED": "1",

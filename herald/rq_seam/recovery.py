@@ -27,6 +27,7 @@ workers. A delayed retry would also wait for RQ's scheduler lock, which a killed
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -35,21 +36,26 @@ import time
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline, PubSub
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from rq import Queue, SimpleWorker, Worker, worker_registration
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job, JobStatus
+from rq.rate_limit import release_slot
 from rq.registry import StartedJobRegistry, clean_registries
+from rq.results import Result
 from rq.serializers import Serializer
 from rq.timeouts import BaseDeathPenalty, JobTimeoutException
-from rq.utils import now
+from rq.utils import backend_class, now, utcformat
 from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
+from herald.infra import metrics
 from settings import QUEUE_NAMES, get_settings
 
 log = logging.getLogger("recovery")
@@ -66,17 +72,44 @@ WAKEUP_FALLBACK_SECONDS = 1.0
 delays a job by at most this."""
 
 CLAIM_SCRIPT = """
-local now = redis.call('TIME')[1]
 for i = 2, #KEYS do
   local job_id = redis.call('LPOP', KEYS[i])
   if job_id then
-    redis.call('ZADD', KEYS[1], now, job_id)
-    return {KEYS[i], job_id}
+    local job = redis.call('HGETALL', ARGV[1] .. job_id)
+    if #job > 0 then
+      redis.call('ZADD', KEYS[1], redis.call('TIME')[1], job_id)
+    end
+    return {KEYS[i], job_id, job}
   end
 end
 return false
 """
-"""Pop the first job of the first non-empty queue (KEYS[2..], in priority order) and claim it."""
+"""Pop the first job of the first non-empty queue (KEYS[2..], in priority order), claim it, and return
+its hash (RQ reads it in a second round trip); a job whose hash is gone (deleted while queued) is not claimed."""
+JOB_KEY_PREFIX = Job.redis_job_namespace_prefix
+CLAIM_SHA = hashlib.sha1(CLAIM_SCRIPT.encode()).hexdigest()
+
+FINISH_SCRIPT = """
+if redis.call('SCARD', KEYS[1]) > 0 then
+  return 0
+end
+local soft = tonumber(ARGV[1])
+local i, n = 2, 0
+while i <= #ARGV do
+  local count = tonumber(ARGV[i])
+  if n < soft then
+    redis.pcall(unpack(ARGV, i + 1, i + count))
+  else
+    redis.call(unpack(ARGV, i + 1, i + count))
+  end
+  i, n = i + count + 1, n + 1
+end
+return 1
+"""
+"""If the job whose dependents set is KEYS[1] has none, run the commands in ARGV[2..] (each as its word
+count, then its words; the first ARGV[1] of them, metrics, with their errors ignored) and return 1;
+else return 0 and write nothing."""
+FINISH_SHA = hashlib.sha1(FINISH_SCRIPT.encode()).hexdigest()
 
 RECOVER_SCRIPT = """
 local cutoff = tonumber(redis.call('TIME')[1]) - tonumber(ARGV[1])
@@ -95,6 +128,14 @@ end
 return recovered
 """
 """Put jobs claimed before now - ARGV[1] s and never started back at the front of their queue."""
+
+
+def run_script(connection: Redis | Pipeline, script: str, sha: str, keys: list[str], args: list[Any]) -> Any:
+    """EVALSHA, or EVAL where Redis does not hold the script yet (a restart, SCRIPT FLUSH)."""
+    try:
+        return connection.evalsha(sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return connection.eval(script, len(keys), *keys, *args)
 
 
 class Wakeups:
@@ -181,7 +222,7 @@ class ClaimingQueue(Queue):
         wakeups = None
         try:
             while True:
-                claimed = connection.eval(CLAIM_SCRIPT, len(keys) + 1, CLAIMS_KEY, *keys)
+                claimed = run_script(connection, CLAIM_SCRIPT, CLAIM_SHA, [CLAIMS_KEY, *keys], [JOB_KEY_PREFIX])
                 if claimed:
                     fetched = cls._fetch_claimed(connection, claimed, job_class, serializer, death_penalty_class)
                     if fetched is not None:
@@ -206,21 +247,33 @@ class ClaimingQueue(Queue):
     def _fetch_claimed(
         cls,
         connection: Redis,
-        claimed: list[bytes],
+        claimed: list[Any],
         job_class: type[Job] | None,
         serializer: Serializer | str | None,
         death_penalty_class: type[BaseDeathPenalty] | None,
     ) -> tuple[Job, Queue] | None:
-        """The claimed job and its queue; None (claim dropped) if the job was deleted while queued."""
-        queue_key, job_id = (value.decode() for value in claimed)
+        """The claimed job, made from the hash the claim returned, and its queue; None if the job was
+        deleted while queued. RQ's `_fetch_dequeued_job`, without its HGETALL."""
+        queue_key, job_id, fields = claimed[0].decode(), claimed[1].decode(), claimed[2]
+        job_cls: type[Job] = backend_class(cls, "job_class", override=job_class)
+        queue = cls.from_queue_key(
+            queue_key,
+            connection=connection,
+            job_class=job_cls,
+            serializer=serializer,
+            death_penalty_class=death_penalty_class,
+        )
+        if not fields:
+            return None
+        job = job_cls(job_id, connection=connection, serializer=serializer)
         try:
-            fetched = cls._fetch_dequeued_job(connection, queue_key, job_id, job_class, serializer, death_penalty_class)
-        except Exception:
-            connection.zrem(CLAIMS_KEY, job_id)  # RQ drops a job it cannot load: so do we
-            raise
-        if fetched is None:
+            job.restore(dict(zip(fields[::2], fields[1::2], strict=True)))
+        except Exception as exc:  # as RQ's: the job is dropped, its id and queue on the error for the handlers
             connection.zrem(CLAIMS_KEY, job_id)
-        return fetched
+            exc.job_id = job_id  # type: ignore[attr-defined]
+            exc.queue = queue  # type: ignore[attr-defined]
+            raise
+        return job, queue
 
     def acquire_maintenance_lock(self) -> bool:
         return bool(self.connection.set(self.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_SECONDS))
@@ -256,7 +309,20 @@ def _retry_abandoned(connection: Redis, queue_name: str) -> None:
     StartedJobRegistry(queue_name, connection=connection, job_class=_RetryAtOnce).cleanup()
 
 
-def _prepare_execution(worker: BaseWorker, job: Job, in_process: bool = False) -> Execution:
+_soft_writes: ContextVar[Pipeline | None] = ContextVar("soft_writes", default=None)
+"""The metrics a job's success callback recorded, while its end is written (`_finalize_success`)."""
+
+
+def _send_soft(pipeline: Pipeline) -> None:
+    """Send what is left on `pipeline`; as for any metrics, an error is logged, never raised."""
+    if pipeline.command_stack:
+        try:
+            pipeline.execute()
+        except RedisError as exc:
+            log.warning("metrics not recorded: %s", type(exc).__name__)
+
+
+def _prepare_execution(worker: _LeanBookkeeping, job: Job, in_process: bool = False) -> Execution:
     """RQ's `prepare_execution`, which also sets the job `started` and drops its claim, atomically.
 
     `in_process`: with what RQ's `prepare_job_execution` writes before the job runs, in the same
@@ -266,14 +332,12 @@ def _prepare_execution(worker: BaseWorker, job: Job, in_process: bool = False) -
     with worker.connection.pipeline() as pipeline:
         execution = Execution.create(job, ttl, pipeline=pipeline, worker_name=worker.name)
         worker.executions[execution.id] = execution
-        worker.set_state(WorkerStatus.BUSY, pipeline=pipeline)
-        job.set_status(JobStatus.STARTED, pipeline=pipeline)
         pipeline.zrem(CLAIMS_KEY, job.id)
-        if in_process:  # the worker's key lives at least as long as an idle worker's: no beat is due after the job
-            worker.heartbeat(max(ttl, worker.worker_ttl + 60), pipeline=pipeline)
-            job.heartbeat(now(), ttl, pipeline=pipeline)
-            job.prepare_for_execution(worker.name, pipeline=pipeline)
-            pipeline.persist(job.key)
+        if in_process:
+            worker.write_start(job, ttl, pipeline)
+        else:
+            worker.set_state(WorkerStatus.BUSY, pipeline=pipeline)
+            job.set_status(JobStatus.STARTED, pipeline=pipeline)
         pipeline.execute()
     return execution
 
@@ -329,6 +393,23 @@ class _LeanBookkeeping(BaseWorker):
             pipeline.expire(self.key, ttl)
             pipeline.execute()
 
+    def write_start(self, job: Job, ttl: int, pipeline: Pipeline) -> None:
+        """What RQ writes when a worker starts a job in its own process, with each field once: RQ sets
+        the worker's state and heartbeat, and the job's status and heartbeat, in two writes each. The
+        worker's heartbeat is left out when the last one was under a second ago with a long enough TTL."""
+        worker_ttl = max(ttl, self.worker_ttl + 60)  # the worker's key lives at least as long as an idle worker's
+        fields: dict[Any, Any] = {"state": WorkerStatus.BUSY.value}
+        if not self._beat_is_fresh(worker_ttl):
+            self.last_heartbeat = now()
+            fields["last_heartbeat"] = utcformat(self.last_heartbeat)
+            pipeline.expire(self.key, worker_ttl)
+            pipeline.expire(self.executions_key, worker_ttl)
+            self._beat_ttl = worker_ttl
+        pipeline.hset(self.key, mapping=fields)
+        self._state = WorkerStatus.BUSY
+        job.prepare_for_execution(self.name, pipeline=pipeline)  # status, started_at, last_heartbeat, worker
+        pipeline.persist(job.key)
+
     def forget_beat(self) -> None:
         """After a work-horse ran: its heartbeats gave the key a TTL this process did not see."""
         self._beat_ttl = 0
@@ -336,10 +417,103 @@ class _LeanBookkeeping(BaseWorker):
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
     ) -> tuple[Job, Queue] | None:
-        """RQ's; notes whether it found every queue empty, which ends a burst."""
-        result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        """RQ's, which sets the worker `idle` before it looks for a job; here a busy worker first takes
+        a waiting job, and stays busy (two writes less per job). Notes whether it found every queue
+        empty, which ends a burst."""
+        result = self._waiting_job() if self._state == WorkerStatus.BUSY else None
+        if result is None:
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
         self.found_queues_empty = result is None and timeout is None
         return result
+
+    def _waiting_job(self) -> tuple[Job, Queue] | None:
+        """The next job if one is waiting, without waiting; what RQ does on dequeueing one."""
+        result = self.queue_class.dequeue_any(
+            self._ordered_queues,
+            None,
+            connection=self.connection,
+            job_class=self.job_class,
+            serializer=self.serializer,
+            death_penalty_class=self.death_penalty_class,
+        )
+        if result is not None:
+            job, queue = result
+            self.reorder_queues(reference_queue=queue)
+            job.redis_server_version = self.get_redis_server_version()
+            self.log.info("Worker %s: %s: %s (%s)", self.name, queue.name, job.description, job.id)
+        return result
+
+    def _finalize_success(self, job: Job, queue: Queue, execution: Execution, return_value: Any) -> None:
+        """RQ's, with what the success callback records for metrics sent with the job's end (one
+        round trip less per job), or after it where RQ's own path writes the end."""
+        with self.connection.pipeline(transaction=False) as soft:
+            token = _soft_writes.set(soft)
+            try:
+                with metrics.deferred(soft):
+                    super()._finalize_success(job, queue, execution, return_value)
+            finally:
+                _soft_writes.reset(token)
+                _send_soft(soft)
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        """RQ writes the job's `last_heartbeat` here; after a job that returned, the save of its end
+        writes it a moment later, so here it is only set (one round trip less per job)."""
+        if job.get_status(refresh=False) != JobStatus.STARTED:  # raised: RQ's failure path, which saves no heartbeat
+            super().handle_execution_ended(job, queue, heartbeat_ttl)
+            return
+        job.ended_at = job.last_heartbeat = now()
+
+    def handle_job_success(
+        self, job: Job, queue: Queue, started_job_registry: StartedJobRegistry, execution: Execution
+    ) -> None:
+        """RQ's writes of a successful job's end, as one script that applies them if the job has no
+        dependents (RQ's check: a WATCH, an SMEMBERS and a transaction, three round trips), else RQ's
+        own path. Left out: the job's status written twice, and the TTLs of its dependents and
+        dependencies keys, which do not exist. A repeating job, or one whose result is not kept, takes
+        RQ's path."""
+        result_ttl = job.get_result_ttl(self.default_result_ttl)
+        if result_ttl == 0 or job.repeats_left:
+            super().handle_job_success(job, queue, started_job_registry, execution)
+            return
+        soft = _soft_writes.get()
+        soft_commands = list(soft.command_stack) if soft is not None else []
+        with self.connection.pipeline() as recorder:  # never executed: the script replays its commands
+            self._record_success(job, result_ttl, execution, recorder)
+            commands = soft_commands + recorder.command_stack
+        words = [len(soft_commands), *(word for args, _ in commands for word in (len(args), *args))]
+        if not run_script(self.connection, FINISH_SCRIPT, FINISH_SHA, [job.dependents_key], words):
+            super().handle_job_success(job, queue, started_job_registry, execution)
+            return
+        if soft is not None:
+            soft.command_stack.clear()
+        job._status = JobStatus.FINISHED
+        release_slot(job)
+        taken = job.ended_at - job.started_at  # type: ignore[operator]
+        self.log.info("Successfully completed job %s in %ss on worker %s", job.id, taken, self.name)
+
+    def _record_success(self, job: Job, result_ttl: int, execution: Execution, pipeline: Pipeline) -> None:
+        """RQ's `handle_job_success` writes, without those `handle_job_success` tells."""
+        self.increment_successful_job_count(pipeline=pipeline)
+        self.increment_total_working_time(job.ended_at - job.started_at, pipeline)  # type: ignore[operator]
+        job._status = JobStatus.FINISHED
+        job.save(pipeline=pipeline, include_meta=False, include_result=False)
+        Result.create(
+            job,
+            Result.Type.SUCCESSFUL,
+            return_value=job._result,
+            ttl=result_ttl,
+            worker_name=self.name,
+            pipeline=pipeline,
+            execution_id=execution.id,
+            execution_started_at=execution.created_at,
+            execution_ended_at=job.ended_at,
+        )
+        job.finished_job_registry.add(job, result_ttl, pipeline)
+        if result_ttl > 0:
+            pipeline.expire(job.key, result_ttl)
+            if job._dependency_ids:
+                pipeline.expire(job.dependencies_key, result_ttl)
+        self.cleanup_execution(job, pipeline=pipeline, execution=execution)
 
     def check_for_suspension(self, burst: bool) -> None:
         """RQ looks before every job whether `rq suspend` was called; here at most once a second."""
@@ -387,8 +561,16 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
     jobs_run = 0
     recycled = False
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.job_heartbeats = JobHeartbeats(self)
+
     def prepare_execution(self, job: Job) -> Execution:
         return _prepare_execution(self, job, in_process=True)
+
+    def teardown(self) -> None:
+        self.job_heartbeats.stop()
+        super().teardown()
 
     def clean_registries(self) -> None:
         _clean_registries(self)
@@ -399,7 +581,7 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
             job.started_at = now()
             timeout = job.timeout or self.queue_class.DEFAULT_TIMEOUT
             with (
-                _heartbeats(self, job, execution),
+                self.job_heartbeats.running(job, execution),
                 self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id),
             ):
                 return_value = job.perform()
@@ -425,7 +607,9 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
         return False
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        super().execute_job(job, queue)
+        """RQ's `SimpleWorker.execute_job` without its `idle` write after the job: the next dequeue writes
+        it if no job is waiting (`dequeue_job_and_maintain_ttl`), else the worker stays busy."""
+        self.perform_job(job, queue, self.prepare_execution(job))
         self.jobs_run += 1
         reason = self.recycle_reason()
         if reason:
@@ -441,27 +625,65 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
         return None
 
 
-@contextmanager
-def _heartbeats(worker: BaseWorker, job: Job, execution: Execution) -> Iterator[None]:
-    """Heartbeats every `job_monitoring_interval` s from a thread, for a job run in the worker's own
-    process (a forking worker sends them while it waits for its work-horse; RQ's `SimpleWorker` none,
-    so a job longer than its heartbeat TTL would be taken for abandoned and run twice)."""
-    done = threading.Event()
+class JobHeartbeats:
+    """The heartbeats of the jobs a worker runs in its own process, every `job_monitoring_interval` s,
+    from one thread per worker (a forking worker sends them while it waits for its work-horse; RQ's
+    `SimpleWorker` none, so a job longer than its heartbeat TTL would be taken for abandoned and run
+    twice). One long-lived thread, not one per job: starting and joining a thread per job cost a
+    no-op job half its wall time on a loaded machine. A job's first beat is due one interval after
+    its start, and the thread never sleeps longer than that, so a start needs no wake-up."""
 
-    def beat() -> None:
-        while not done.wait(worker.job_monitoring_interval):
-            try:
-                worker.maintain_heartbeats(job, execution)
-            except RedisError as exc:
-                log.warning("job %s: heartbeat not sent (%s)", job.id, type(exc).__name__)
+    def __init__(self, worker: BaseWorker) -> None:
+        self.worker = worker
+        self.lock = threading.Lock()
+        """Held while beating: a job's end waits for a beat in flight, which must not follow it."""
+        self.due: dict[str, tuple[Job, Execution, float]] = {}
+        """Job id -> the job, its execution, and when (monotonic) its next beat is due."""
+        self.stopped = threading.Event()
+        """The running thread's: a new thread (a worker working again after its teardown) gets a new one."""
+        self.thread: threading.Thread | None = None
 
-    thread = threading.Thread(target=beat, name=f"heartbeat {job.id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join(timeout=5)
+    @contextmanager
+    def running(self, job: Job, execution: Execution) -> Iterator[None]:
+        """Beats for `job` while the block runs; none once it has left."""
+        with self.lock:
+            self.due[job.id] = (job, execution, time.monotonic() + self.worker.job_monitoring_interval)
+        if self.thread is None or not self.thread.is_alive():
+            self.stopped = threading.Event()
+            name = f"heartbeats {self.worker.name}"
+            self.thread = threading.Thread(target=self._run, args=(self.stopped,), name=name, daemon=True)
+            self.thread.start()
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.due.pop(job.id, None)
+
+    def stop(self) -> None:
+        """End the thread (it is not waited for: it holds no job any more)."""
+        self.stopped.set()
+        self.thread = None
+
+    def _run(self, stopped: threading.Event) -> None:
+        while not stopped.wait(self._beat_due()):
+            pass
+
+    def _beat_due(self) -> float:
+        """Send the beats that are due; seconds until the next one is."""
+        interval = self.worker.job_monitoring_interval
+        with self.lock:
+            for job_id, (job, execution, due) in list(self.due.items()):
+                if due <= time.monotonic():
+                    self._beat(job, execution)
+                    self.due[job_id] = (job, execution, time.monotonic() + interval)
+            next_due = min((due for _, _, due in self.due.values()), default=time.monotonic() + interval)
+        return max(0.0, next_due - time.monotonic())
+
+    def _beat(self, job: Job, execution: Execution) -> None:
+        try:
+            self.worker.maintain_heartbeats(job, execution)
+        except RedisError as exc:
+            log.warning("job %s: heartbeat not sent (%s)", job.id, type(exc).__name__)
 
 
 def resident_mib() -> float | None:
