@@ -13,6 +13,7 @@ from typing import Any
 from redis import Redis
 
 from herald.exceptions import IdempotencyConflict
+from herald.infra import keys
 
 TTL_SECONDS = 24 * 3600
 KEY_PATTERN = r"^[A-Za-z0-9_.:-]{1,255}$"
@@ -24,7 +25,7 @@ def body_hash(body: dict[str, Any]) -> str:
 
 def claim(connection: Redis, scope: str, key: str, digest: str) -> dict[str, Any] | None:
     """None when the key is new (now claimed); else the first answer. Raises `IdempotencyConflict`."""
-    redis_key = f"idempotency:{scope}:{key}"
+    redis_key = keys.idempotency(scope, key)
     if connection.set(redis_key, json.dumps({"hash": digest}), nx=True, ex=TTL_SECONDS):
         return None
     stored = json.loads(connection.get(redis_key) or "{}")
@@ -37,9 +38,9 @@ def claim(connection: Redis, scope: str, key: str, digest: str) -> dict[str, Any
 
 
 def store(connection: Redis, scope: str, key: str, digest: str, answer: dict[str, Any]) -> None:
-    connection.set(f"idempotency:{scope}:{key}", json.dumps({"hash": digest, "answer": answer}), xx=True, keepttl=True)
+    connection.set(keys.idempotency(scope, key), json.dumps({"hash": digest, "answer": answer}), xx=True, keepttl=True)
 
 
 def release(connection: Redis, scope: str, key: str) -> None:
     """Free a claimed key whose request failed, so that the client can retry it."""
-    connection.delete(f"idempotency:{scope}:{key}")
+    connection.delete(keys.idempotency(scope, key))

@@ -34,6 +34,7 @@ from redis.typing import EncodableT
 from redis.utils import HIREDIS_AVAILABLE
 
 from herald.exceptions import NotReplicatedError
+from herald.infra import keys
 from settings import Settings, get_settings
 
 SENTINEL_SCHEME = "redis+sentinel"
@@ -159,7 +160,7 @@ def _new_async_client(
     return aioredis.Redis.from_url(url, **options), []
 
 
-FENCE_KEY = "replication:fence"
+FENCE_KEY = keys.REPLICATION_FENCE
 """Written just before each WAIT: replication is one ordered stream, so a replica that has this write
 has every earlier write of the primary, whichever connection made it."""
 

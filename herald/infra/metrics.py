@@ -31,20 +31,21 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import BaseRegistry, FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
+from herald.infra import keys
 from settings import QUEUE_NAMES
 
 log = logging.getLogger("metrics")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-KEY_PREFIX = "metrics:"
-DELAYED_JOBS_KEY = "rq:scheduler:scheduled_jobs"
+KEY_PREFIX = keys.METRICS_PREFIX
+DELAYED_JOBS_KEY = keys.DELAYED_JOBS
 """rq-scheduler's sorted set of delayed jobs (the same key as `queues.DELAYED_JOBS_KEY`)."""
 REGISTRIES: dict[str, type[BaseRegistry]] = {
     "started": StartedJobRegistry,
     "scheduled": ScheduledJobRegistry,
     "failed": FailedJobRegistry,
 }
-WORKERS_KEY = "rq:workers"
+WORKERS_KEY = keys.WORKERS
 ALIVE_WORKERS_SCRIPT = """
 local alive = 0
 for _, key in ipairs(redis.call('SMEMBERS', KEYS[1])) do

@@ -35,14 +35,14 @@ from herald.exceptions import (
     ServiceError,
     UnknownTaskError,
 )
-from herald.infra import connections, metrics, metrics_hooks
+from herald.infra import connections, keys, metrics, metrics_hooks
 from herald.rq_seam import enqueue, limits, replay
 from herald.schemas import JobAccepted, JobError, JobView, Priority
 from settings import QUEUE_NAMES, Settings, get_settings
 from tasks import TASKS, Task
 
 CANCELABLE = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.RATE_LIMITED}
-DELAYED_JOBS_KEY = "rq:scheduler:scheduled_jobs"
+DELAYED_JOBS_KEY = keys.DELAYED_JOBS
 """rq-scheduler's sorted set of delayed jobs, scored by due time (Unix seconds, kept with fractions)."""
 
 

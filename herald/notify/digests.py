@@ -33,7 +33,7 @@ from redis.client import Pipeline
 from redis.exceptions import WatchError
 
 from herald.exceptions import ServiceError
-from herald.infra import metrics
+from herald.infra import keys, metrics
 from herald.notify import notifications, preferences, rendering
 from herald.notify.channels.base import Message
 from herald.schemas import DigestView, Preferences
@@ -70,15 +70,15 @@ class DigestBusyError(ServiceError):
 
 
 def pointer_key(user_id: str, channel: str, digest_key: str) -> str:
-    return f"digest:open:{user_id}:{channel}:{digest_key}"
+    return keys.digest_pointer(user_id, channel, digest_key)
 
 
 def record_key(digest_id: str) -> str:
-    return f"digest:{digest_id}"
+    return keys.digest(digest_id)
 
 
 def items_key(digest_id: str) -> str:
-    return f"digest:{digest_id}:items"
+    return keys.digest_items(digest_id)
 
 
 # Adding a notification (API)

@@ -16,6 +16,7 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.typing import EncodableT
 
+from herald.infra import keys
 from herald.notify.channels.base import Message
 from herald.schemas import DeliveryView, NotificationView
 
@@ -33,11 +34,11 @@ def now_iso() -> str:
 
 
 def notification_key(notification_id: str) -> str:
-    return f"notification:{notification_id}"
+    return keys.notification(notification_id)
 
 
 def delivery_key(delivery_id: str) -> str:
-    return f"delivery:{delivery_id}"
+    return keys.delivery(delivery_id)
 
 
 def write(pipeline: Pipeline, notification: dict[str, Any], deliveries: list[dict[str, Any]]) -> None:
@@ -116,11 +117,11 @@ def save_contact(connection: Redis, user_id: str, contact: dict[str, str | None]
     The address is stored as `email` (its name before the API called it `to`), so contacts stored
     by earlier versions are read as they are.
     """
-    connection.hset(f"user:{user_id}", mapping=encode(contact))
+    connection.hset(keys.contact(user_id), mapping=encode(contact))
 
 
 def load_contact(connection: Redis, user_id: str) -> dict[str, Any]:
-    return decode(connection.hgetall(f"user:{user_id}")) or {}
+    return decode(connection.hgetall(keys.contact(user_id))) or {}
 
 
 def view(notification: dict[str, Any], deliveries: list[dict[str, Any]]) -> NotificationView:

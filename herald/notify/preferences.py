@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 from redis import Redis
 from redis.typing import EncodableT
 
+from herald.infra import keys
 from herald.notify import quiet_hours
 from herald.schemas import ChannelName, Preferences, QuietHours
 
@@ -29,7 +30,7 @@ CHANNELS: tuple[ChannelName, ...] = get_args(ChannelName)
 
 
 def key(user_id: str) -> str:
-    return f"preferences:{user_id}"
+    return keys.preferences(user_id)
 
 
 def skip_reason(preferences: Preferences, topic: str, channel: ChannelName, required: bool = False) -> str | None:

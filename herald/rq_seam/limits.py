@@ -30,6 +30,7 @@ from rq.job import Job, JobStatus
 from rq.rate_limit import ACQUIRE_AND_ENQUEUE_SCRIPT, RateLimitRegistry
 from rq.utils import now, utcformat
 
+from herald.infra import keys
 from settings import Settings
 
 _ACQUIRE_SHA = hashlib.sha1(ACQUIRE_AND_ENQUEUE_SCRIPT.encode()).hexdigest()
@@ -38,7 +39,7 @@ _ACQUIRE_SHA = hashlib.sha1(ACQUIRE_AND_ENQUEUE_SCRIPT.encode()).hexdigest()
 def for_webhook(url: str, settings: Settings) -> RateLimit:
     """The limit of deliveries to the host of `url` (its name, lower case: every port of one machine)."""
     host = (urlsplit(url).hostname or "").lower()
-    return RateLimit(f"webhook:{host}", settings.webhook_host_concurrency)
+    return RateLimit(keys.webhook_limit(host), settings.webhook_host_concurrency)
 
 
 def for_smtp(settings: Settings) -> RateLimit | None:
@@ -46,7 +47,7 @@ def for_smtp(settings: Settings) -> RateLimit | None:
     fails at once, permanently, and needs no slot)."""
     if not settings.smtp_host:
         return None
-    return RateLimit(f"smtp:{settings.smtp_host.lower()}:{settings.smtp_port}", settings.smtp_concurrency)
+    return RateLimit(keys.smtp_limit(settings.smtp_host.lower(), settings.smtp_port), settings.smtp_concurrency)
 
 
 def for_channel(channel: str, target: str | None, settings: Settings) -> RateLimit | None:

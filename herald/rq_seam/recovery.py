@@ -55,12 +55,12 @@ from rq.utils import backend_class, now, utcformat
 from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
-from herald.infra import metrics
+from herald.infra import keys, metrics
 from settings import QUEUE_NAMES, get_settings
 
 log = logging.getLogger("recovery")
 
-CLAIMS_KEY = "recovery:claims"
+CLAIMS_KEY = keys.RECOVERY_CLAIMS
 """Sorted set: ids of jobs popped by a worker and not yet registered as started, scored by pop time."""
 MAINTENANCE_LOCK_SECONDS = 10
 """RQ's lock on a queue's registry cleaning lasts 899 s: a worker killed while cleaning would stop
@@ -746,4 +746,4 @@ def mark_sent(job: Job | None, value: str) -> str:
 
 
 def _sent_key(job: Job) -> str:
-    return f"sent:{job.id}"
+    return keys.sent(job.id)

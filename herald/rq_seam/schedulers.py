@@ -16,6 +16,8 @@ from rq.cron import CronJob, CronScheduler
 from rq.utils import now
 from rq_scheduler import Scheduler
 
+from herald.infra import keys
+
 log = logging.getLogger("scheduler")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -72,7 +74,7 @@ class ExactlyOnceCronScheduler(CronScheduler):
 
 def run_key(name: str, due: datetime) -> str:
     """The key that claims the run of periodic job `name` due at `due`."""
-    return f"periodic:run:{name}:{due.isoformat()}"
+    return keys.periodic_run(name, due.isoformat())
 
 
 def next_run_after(cron: str | None, interval: int | None, after: datetime) -> datetime:

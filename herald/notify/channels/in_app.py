@@ -21,7 +21,7 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from herald.exceptions import PermanentError, TransientError
-from herald.infra import connections
+from herald.infra import connections, keys
 from herald.notify.channels.base import Message
 from settings import get_settings
 
@@ -56,7 +56,7 @@ def valid_user_id(user_id: str) -> bool:
 def _prefix(user_id: str) -> str:
     if not valid_user_id(user_id):
         raise ValueError(f"invalid user id {user_id!r}")
-    return f"inbox:{{{user_id}}}"
+    return keys.inbox(user_id)
 
 
 def _keys(user_id: str) -> tuple[str, str, str, str]:
