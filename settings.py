@@ -59,15 +59,21 @@ class Settings(BaseSettings):
     result_ttl_seconds: int = Field(86_400, ge=0)
     failure_ttl_seconds: int = Field(7 * 86_400, ge=1)
 
-    worker_count: int = Field(2, ge=1, description="worker processes `worker.py` keeps running (one per core)")
+    worker_count: int = Field(
+        1,
+        ge=1,
+        description="worker processes `worker.py` keeps running; one runs network-bound deliveries in its threads,"
+        " CPU-bound jobs want one per core (with WORKER_THREADS=1)",
+    )
     worker_class: Literal["simple", "fork"] = Field(
         "simple", description="simple: jobs run in the worker process; fork: a fresh process per job (RQ's Worker)"
     )
     worker_threads: int = Field(
-        1,
+        24,
         ge=1,
-        description="jobs each simple worker process runs at once, in threads; deliveries in flight per host ="
-        " WORKER_COUNT x WORKER_THREADS (network-bound jobs wait, so more threads than cores pay)",
+        description="jobs each simple worker process runs at once, in threads: deliveries in flight per host ="
+        " WORKER_COUNT x WORKER_THREADS; the default covers SMTP_CONCURRENCY + 4 webhook hosts x"
+        " WEBHOOK_HOST_CONCURRENCY; 1: one job at a time",
     )
     worker_max_jobs: int = Field(1000, ge=1, description="a simple worker process is replaced after this many jobs")
     worker_max_memory_mib: int = Field(512, ge=16, description="... or once its resident memory exceeds this")

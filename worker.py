@@ -19,6 +19,7 @@ exits 0 only if every process ended so; 1 if one could not drain them (Redis una
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging_from(settings)
     count = args.processes or settings.worker_count
     pool = Pool(list(QUEUE_NAMES), connections.settings_client(settings), num_workers=count, serve=_serve_in_pool)
+    gc.freeze()  # what is loaded now stays shared with the processes forked: their GC never writes to it
     log.info("starting %d %s worker process(es)", count, worker_class().__name__)
     pool.start(burst=args.burst, logging_level=settings.log_level)
     if args.burst and not pool.drained:

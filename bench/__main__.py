@@ -55,10 +55,13 @@ class Config:
     peer_jobs: int = 1000
     peer_emails: int = 200
     peer_cap: float = 20.0
+    peer_deliveries: int = 1000
 
 
 FULL = Config(3, 8, 2000, 300, 5.0, 200, 5.0, 300, 8.0, 50)
-QUICK = Config(2, 3, 1000, 100, 3.0, 50, 3.0, 100, 5.0, 20, peer_jobs=500, peer_emails=100, peer_cap=10.0)
+QUICK = Config(
+    2, 3, 1000, 100, 3.0, 50, 3.0, 100, 5.0, 20, peer_jobs=500, peer_emails=100, peer_cap=10.0, peer_deliveries=500
+)
 
 
 def make_rows(config: Config) -> dict[str, Row]:
@@ -116,10 +119,11 @@ SECTIONS = {
     "6. Memory, VmRSS": ("rss api", *(f"rss {kind}" for kind, _ in LATENCIES)),
     "7. Failures answered in time, each run's slowest (bench.outage)": ("503 killed", "503 hung", "webhook timeout"),
     "8. Peers and delivery capacity, same Valkey, same run (bench.peer_bench)": peer_bench.SECTION_KEYS,
+    "9. Deliveries in flight, the same sink and receivers, same run (bench.peer_bench)": peer_bench.DELIVERY_KEYS,
 }
 
 
-ONLY = {"peers": "8."}
+ONLY = {"peers": "8.", "deliveries": "9."}
 """`--only` choices: the title prefix of the section each measures."""
 
 
@@ -306,11 +310,17 @@ def run_all(stack: Stack, config: Config, rows: dict[str, Row]) -> None:
     measure_scheduling(stack, rows, config)
     measure_outage(stack, rows, config)
     measure_peers(stack, rows, config)
+    measure_deliveries(stack, rows, config)
 
 
 def measure_peers(stack: Stack, rows: dict[str, Row], config: Config) -> None:
     progress(f"peers: {config.runs} runs of no-op jobs and slow-SMTP emails on each set-up")
     peer_bench.measure(stack, rows, config.runs, config.peer_jobs, config.peer_emails, config.peer_cap)
+
+
+def measure_deliveries(stack: Stack, rows: dict[str, Row], config: Config) -> None:
+    progress(f"deliveries: {config.runs} runs of mixed email and webhook deliveries on each set-up")
+    peer_bench.measure_deliveries(stack, rows, config.runs, config.peer_deliveries, config.peer_cap)
 
 
 def render(header: list[str], rows: dict[str, Row], seconds: float, only: str | None = None) -> str:
@@ -334,6 +344,8 @@ def main(argv: list[str] | None = None) -> None:
         header = describe(stack, config)
         if options.only == "peers":
             measure_peers(stack, rows, config)
+        elif options.only == "deliveries":
+            measure_deliveries(stack, rows, config)
         else:
             run_all(stack, config, rows)
     print(render(header, rows, time.perf_counter() - started, options.only), flush=True)

@@ -2,15 +2,20 @@
 
 Each set-up drains the same queued jobs from the benchmark's Valkey: no-op jobs, then emails through
 one SMTP sink that holds every message `SMTP_HOLD_SECONDS` (a slow server; the service's work waits on
-the network). Measured from the first job done to the last (the queue's own count of finished or
-acknowledged jobs, polled): jobs/s, CPU of the worker's processes and of Redis per job, Redis commands
-per job (the benchmark's own polling subtracted), and the proportional set size (PSS) of the worker's
-processes after the emails. The peers run from their own environment, `var/bench-peers`, made here
+the network), then mixed deliveries: notifications in turn by email and by webhook to each of
+`WEBHOOK_HOSTS` (one receiver per loopback address, each holding every request as long; the
+service's per-host limits apply, as the keys are host names). The peer's delivery task does the same
+network work as the service's: one email on a kept SMTP session, or one POST on a new connection.
+Measured from the first job done to the last (the queue's own count of finished or acknowledged
+jobs, polled): jobs/s, CPU of the worker's processes and of Redis per job, Redis commands per job
+(the benchmark's own polling subtracted), and the proportional set size (PSS) of the worker's
+processes after the emails or deliveries. The peers run from their own environment, `var/bench-peers`, made here
 with pip on first use: they are never dependencies of the service.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -26,10 +31,13 @@ from bench.report import Row
 from bench.stack import ROOT, Stack, _tree
 from herald import mailsink
 from tests.helpers import stop_process
+from tests.receiver import Receiver
 
 ENVIRONMENT = ROOT / "var" / "bench-peers"
 REQUIREMENTS = ("dramatiq[redis]==2.2.1", "huey==3.5.4", "celery[redis]==5.7.0", "redis==8.1.0")
 SMTP_HOLD_SECONDS = 0.1
+"""How long the SMTP sink and each webhook receiver hold every request."""
+WEBHOOK_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 POLL_SECONDS = 0.01
 QUEUE = "bench"
 
@@ -103,6 +111,7 @@ def setups(python: Path) -> dict[str, Setup]:
         Setup("worker.py, default set-up", "project", [sys.executable, "worker.py"], _rq_pending),
         Setup(THREADED, "project", [sys.executable, "worker.py"], _rq_pending, THREADS_8),
         Setup(UNCAPPED, "project", [sys.executable, "worker.py"], _rq_pending, uncapped),
+        *(Setup(name, "project", [sys.executable, "worker.py"], _rq_pending, env) for name, env in SHAPES.items()),
     ]
     return {setup.name: setup for setup in found}
 
@@ -119,6 +128,13 @@ THREADED = "worker.py, WORKER_THREADS=8"
 """The default 2 processes, each running 8 jobs at once: the 16 deliveries in flight of dramatiq's defaults."""
 UNCAPPED = "worker.py, WORKER_THREADS=8, SMTP_CONCURRENCY=16"
 """The same with the SMTP server's limit at 16, as dramatiq has none."""
+SHAPES = {
+    f"worker.py, {count} x {threads} threads": (("WORKER_COUNT", str(count)), ("WORKER_THREADS", str(threads)))
+    for count, threads in ((2, 8), (1, 16), (2, 1))
+}
+"""Other shapes of the same worker, processes x threads per process (the default: 1 x 24): dramatiq's 16
+in flight, split as dramatiq splits them and in one process; and one job at a time per process."""
+DELIVERY_SETUPS = ("dramatiq, its defaults", "worker.py, default set-up", *SHAPES)
 EMAIL_SETUPS = (
     "dramatiq, its defaults",
     "dramatiq, 1 process, 8 threads",
@@ -189,6 +205,9 @@ def enqueue(stack: Stack, python: Path, setup: Setup, task: str, count: int) -> 
 def _enqueue_project(task: str, count: int) -> None:
     from herald.jobs import queues
 
+    if task == "deliver":
+        _enqueue_notifications(count)
+        return
     if task == "noop":
         for _ in range(count):
             queues.enqueue_task("noop", {})
@@ -196,6 +215,21 @@ def _enqueue_project(task: str, count: int) -> None:
     emails = [{"to": f"user{n}@example.com", "subject": "Mail", "body": "Hello"} for n in range(count)]
     for first in range(0, count, 500):
         queues.enqueue_emails(emails[first : first + 500], "default")
+
+
+def _enqueue_notifications(count: int) -> None:
+    """`count` notifications through the service's own function, each with one delivery, in turn an
+    email and a webhook to each receiver (as `bench.peers.common.deliver` numbers them)."""
+    from herald.notify import dispatch
+    from herald.schemas import NotificationRequest
+
+    urls = os.environ["BENCH_WEBHOOK_URLS"].split(",")
+    for number in range(count):
+        turn = number % (len(urls) + 1)
+        target = {"webhook_url": urls[turn - 1]} if turn else {"to": f"user{number}@example.com"}
+        channel = "webhook" if turn else "email"
+        request = NotificationRequest(user_id=f"u{number}", channels=[channel], title="Mail", body="Hello", **target)
+        dispatch.create_notification(request, f"bench-{number}")
 
 
 def drain(stack: Stack, python: Path, setup: Setup, task: str, count: int, cap: float) -> Drained:
@@ -234,11 +268,16 @@ def _measure(connection: Redis, setup: Setup, pid: int, count: int, cap: float) 
     )
 
 
-@contextmanager
-def settings_of(setup: Setup) -> Iterator[None]:
+def settings_of(setup: Setup) -> contextlib.AbstractContextManager[None]:
     """The set-up's settings in this process's environment (and so its children's) while it runs."""
-    saved = {name: os.environ.get(name) for name, _ in setup.env}
-    os.environ.update(dict(setup.env))
+    return environment(dict(setup.env))
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in this process's environment (and so its children's), and in its settings, meanwhile."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     _reset_settings()
     try:
         yield
@@ -261,14 +300,28 @@ def slow_sink() -> Iterator[int]:
     sink = mailsink.MailSink()
     sink.hold = SMTP_HOLD_SECONDS
     controller = mailsink.start(sink)
-    saved = {name: os.environ.get(name) for name in ("SMTP_PORT", "BENCH_SMTP_PORT")}
-    os.environ["SMTP_PORT"] = os.environ["BENCH_SMTP_PORT"] = str(controller.port)
-    _reset_settings()
     try:
-        yield int(controller.port)
+        with environment({"SMTP_PORT": str(controller.port), "BENCH_SMTP_PORT": str(controller.port)}):
+            yield int(controller.port)
     finally:
         controller.stop()
-        _restore(saved)
+
+
+@contextmanager
+def slow_receivers() -> Iterator[list[str]]:
+    """A webhook receiver on each of `WEBHOOK_HOSTS`, holding each request `SMTP_HOLD_SECONDS`; their
+    URLs, also in the children's env; private targets allowed meanwhile (they are loopback)."""
+    receivers = [Receiver(host=host) for host in WEBHOOK_HOSTS]
+    for receiver in receivers:
+        receiver.delay = SMTP_HOLD_SECONDS
+        receiver.start()
+    urls = [f"{receiver.url}/hook" for receiver in receivers]
+    try:
+        with environment({"BENCH_WEBHOOK_URLS": ",".join(urls), "WEBHOOK_ALLOW_PRIVATE": "true"}):
+            yield urls
+    finally:
+        for receiver in receivers:
+            receiver.stop()
 
 
 def _reset_settings() -> None:
@@ -289,6 +342,12 @@ def make_rows() -> dict[str, Row]:
         rows[f"peer mail {name}"] = Row(f"{name}: emails, sink holds each 100 ms", "mails/s", "best peer", target)
         target = _target(name, "≤ dramatiq defaults")
         rows[f"peer pss {name}"] = Row(f"{name}: PSS after the emails", "MiB", "best peer (least)", target)
+    mixed = f"deliveries, email + webhooks to {len(WEBHOOK_HOSTS)} hosts, each held 100 ms"
+    for name in DELIVERY_SETUPS:
+        target = _target(name, "≥1x")
+        rows[f"peer mixed {name}"] = Row(f"{name}: {mixed}", "msgs/s", "dramatiq, its defaults", target)
+        target = _target(name, "≤1x")
+        rows[f"peer mpss {name}"] = Row(f"{name}: PSS after the deliveries", "MiB", "dramatiq, its defaults", target)
     return rows
 
 
@@ -300,6 +359,7 @@ SECTION_KEYS = (
     *(f"peer {metric} {name}" for name in NOOP_SETUPS for metric in ("noop", "cpu", "rcpu", "cmds")),
     *(f"peer {metric} {name}" for name in EMAIL_SETUPS for metric in ("mail", "pss")),
 )
+DELIVERY_KEYS = tuple(f"peer {metric} {name}" for name in DELIVERY_SETUPS for metric in ("mixed", "mpss"))
 
 
 def measure(stack: Stack, rows: dict[str, Row], runs: int, noop_jobs: int, emails: int, cap: float) -> None:
@@ -314,6 +374,19 @@ def measure(stack: Stack, rows: dict[str, Row], runs: int, noop_jobs: int, email
             order = _rotated(EMAIL_SETUPS, run)
             mail = {name: drain(stack, python, found[name], "send_email", emails, cap) for name in order}
         _add_mail(rows, mail)
+
+
+def measure_deliveries(stack: Stack, rows: dict[str, Row], runs: int, deliveries: int, cap: float) -> None:
+    """`runs` rounds of the mixed deliveries on every delivery set-up, each round in a rotated order;
+    each figure beside dramatiq's defaults in the same round."""
+    python = ensure_environment()
+    found = setups(python)
+    os.environ["BENCH_REDIS_URL"] = stack.redis_url
+    for run in range(runs):
+        with slow_sink(), slow_receivers():
+            order = _rotated(DELIVERY_SETUPS, run)
+            mixed = {name: drain(stack, python, found[name], "deliver", deliveries, cap) for name in order}
+        _add_mixed(rows, mixed)
 
 
 def _rotated(names: tuple[str, ...], run: int) -> list[str]:
@@ -339,6 +412,13 @@ def _add_mail(rows: dict[str, Row], results: dict[str, Drained]) -> None:
     for name, result in results.items():
         _add(rows[f"peer mail {name}"], result.rate, max(peer.rate for peer in peers))
         _add(rows[f"peer pss {name}"], result.pss_mib, min(peer.pss_mib for peer in peers))
+
+
+def _add_mixed(rows: dict[str, Row], results: dict[str, Drained]) -> None:
+    peer = results["dramatiq, its defaults"]
+    for name, result in results.items():
+        _add(rows[f"peer mixed {name}"], result.rate, peer.rate)
+        _add(rows[f"peer mpss {name}"], result.pss_mib, peer.pss_mib)
 
 
 def _add(row: Row, value: float, best: float) -> None:

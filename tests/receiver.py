@@ -1,8 +1,8 @@
 """A real HTTP server that records webhook requests, and the receiver side of Standard Webhooks.
 
-`Receiver` listens on 127.0.0.1 (a free port) in a thread, records every request, answers 200, or
-the status queued with `fail_next`, after an optional `delay`, and counts how many requests it holds
-at once (`max_in_flight`). `verify_signature` checks a request
+`Receiver` listens on 127.0.0.1 (or another loopback address given) on a free port in a thread,
+records every request, answers 200, or the status queued with `fail_next`, after an optional
+`delay`, and counts how many requests it holds at once (`max_in_flight`). `verify_signature` checks a request
 as a receiver would, written from the specification rather than from `channels.webhook`.
 """
 
@@ -49,7 +49,7 @@ class _Failure:
 class Receiver:
     """Records requests; `fail_next`, `delay` and `wait_for` steer and observe it from a test."""
 
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
         self._condition = threading.Condition()
         self._requests: list[ReceivedRequest] = []
         self._failures: list[_Failure] = []
@@ -60,7 +60,7 @@ class Receiver:
         """Requests being held (read, not yet answered) right now."""
         self.max_in_flight = 0
         """The most requests held at once since the start."""
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server = _Server((host, 0), _Handler)
         self._server.receiver = self
         if tls is not None:
             self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
@@ -86,7 +86,8 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self.port}"
+        host = str(self._server.server_address[0])
+        return f"{'https' if self._tls else 'http'}://{host}:{self.port}"
 
     @property
     def requests(self) -> list[ReceivedRequest]:
@@ -130,7 +131,7 @@ class _Server(ThreadingHTTPServer):
     def server_bind(self) -> None:
         """Bind without HTTPServer's reverse DNS lookup of the address."""
         socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = "127.0.0.1", int(self.server_address[1])
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
 
     def handle_error(self, request: object, client_address: object) -> None:
         """Stay quiet when a client hangs up first (the timeout test does)."""

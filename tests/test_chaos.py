@@ -84,8 +84,10 @@ def test_a_job_of_a_killed_worker_runs_again_within_the_documented_time(
 def test_a_killed_job_goes_back_to_the_front_at_once_and_fails_with_no_retries_left(
     monkeypatch: pytest.MonkeyPatch, redis: Redis, processes: StartProcess
 ) -> None:
-    """One retry, whose backoff (60 s) a killed job must not wait; the second kill finds none left."""
+    """One retry, whose backoff (60 s) a killed job must not wait; the second kill finds none left. One job at
+    a time (WORKER_THREADS=1), so that `later` waits behind the killed job and shows where it went back."""
     _fast_recovery(monkeypatch)
+    monkeypatch.setenv("WORKER_THREADS", "1")
     processes("scheduler.py")  # the only one to sweep while no worker runs
     queue = Queue("default", connection=redis)
     killed = queue.enqueue(

@@ -124,8 +124,11 @@ def test_a_template_with_an_html_part_sends_text_and_escaped_html_as_alternative
 
 
 def test_high_priority_is_served_before_default_and_low(
-    client: TestClient, smtp: MailSink, processes: StartProcess, redis: Redis
+    client: TestClient, smtp: MailSink, processes: StartProcess, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """One job at a time (WORKER_THREADS=1), so that the order they are taken in is the order they are sent:
+    with threads, all five are taken at once and the sink gets them in the order they finish."""
+    monkeypatch.setenv("WORKER_THREADS", "1")
     for n, priority in enumerate(["low", "low", "default", "low", "high"]):
         client.post("/send-email", json={**EMAIL, "subject": f"{priority}-{n}", "priority": priority})
     worker = processes("worker.py", "--burst")

@@ -44,7 +44,9 @@ def _set(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
 def test_a_sigtermed_worker_finishes_its_job_and_takes_no_other(
     kind: str, monkeypatch: pytest.MonkeyPatch, redis: Redis, processes: StartProcess
 ) -> None:
-    _set(monkeypatch, WORKER_CLASS=kind, WORKER_COUNT="1")
+    """One job at a time (WORKER_THREADS=1): a threaded worker takes all four at once, and its warm
+    shutdown (its running jobs finish, no claim is left) is in tests/test_threaded.py."""
+    _set(monkeypatch, WORKER_CLASS=kind, WORKER_COUNT="1", WORKER_THREADS="1")
     worker = processes("worker.py", wait_for_workers=1)
     running, *waiting = [_enqueue(redis, fixtures.count_runs, 1) for _ in range(4)]
     wait_until(lambda: _runs(redis, running) == 1, what="the first job to start")

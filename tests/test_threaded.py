@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from rq.registry import FinishedJobRegistry
 
+from herald.rq_seam.recovery import CLAIMS_KEY
 from settings import get_settings
 from tests.conftest import StartProcess
 from tests.helpers import wait_until
@@ -54,16 +55,18 @@ def test_one_process_runs_its_threads_jobs_at_once_each_in_the_registries(
     assert set(FinishedJobRegistry("default", connection=redis).get_job_ids()) == set(ids)
 
 
-def test_warm_shutdown_lets_the_running_jobs_finish(
-    client: TestClient, webhooks: Receiver, threads: int, processes: StartProcess
+def test_warm_shutdown_lets_the_running_jobs_finish_and_takes_no_other(
+    client: TestClient, webhooks: Receiver, threads: int, processes: StartProcess, redis: Redis
 ) -> None:
     webhooks.delay = 1.5
-    ids = _webhooks(client, webhooks.url, 2)
+    ids = _webhooks(client, webhooks.url, threads + 2)
     worker = processes("worker.py", "--processes", "1", wait_for_workers=1)
-    wait_until(lambda: webhooks.in_flight == 2, timeout=30, what="both deliveries held by the receiver")
+    wait_until(lambda: webhooks.in_flight == threads, timeout=30, what="a delivery per thread held by the receiver")
     os.killpg(worker.pid, signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
-    assert [_status(client, job_id) for job_id in ids] == ["finished", "finished"]
+    statuses = [_status(client, job_id) for job_id in ids]
+    assert sorted(statuses) == ["finished"] * threads + ["queued"] * 2, statuses
+    assert redis.zcard(CLAIMS_KEY) == 0 and len(webhooks.requests) == threads
 
 
 def test_a_job_over_its_timeout_fails_in_its_thread(

@@ -74,7 +74,8 @@ def test_a_process_is_replaced_after_its_share_of_jobs(
 def test_a_process_that_grew_past_its_memory_limit_is_replaced(
     monkeypatch: pytest.MonkeyPatch, redis: Redis, processes: StartProcess
 ) -> None:
-    _set(monkeypatch, WORKER_COUNT="1", WORKER_MAX_MEMORY_MIB="200")
+    # one job at a time: with threads, `after` is taken beside `leaking`, before the process grew
+    _set(monkeypatch, WORKER_COUNT="1", WORKER_THREADS="1", WORKER_MAX_MEMORY_MIB="200")
     before, leaking, after = (
         _enqueue(redis, fixtures.pid),
         _enqueue(redis, fixtures.leak, 256),
@@ -135,8 +136,9 @@ def test_a_burst_replaces_recycled_processes_until_the_queues_are_empty(
 def test_a_burst_replaces_a_crashed_process_and_says_it_did_not_finish(
     monkeypatch: pytest.MonkeyPatch, redis: Redis, processes: StartProcess
 ) -> None:
-    """The crashed job is left to the crash recovery, after the burst: the burst did not run it."""
-    _set(monkeypatch, WORKER_COUNT="1")
+    """The crashed job is left to the crash recovery, after the burst: the burst did not run it. One job at a
+    time: with threads, the jobs taken beside the crashing one die with it and are left to the recovery too."""
+    _set(monkeypatch, WORKER_COUNT="1", WORKER_THREADS="1")
     crashing, *after = [_enqueue(redis, fixtures.die_on_first_run)] + [_enqueue(redis, fixtures.pid) for _ in range(3)]
 
     assert _exit_status(processes("worker.py", "--burst")) == 1

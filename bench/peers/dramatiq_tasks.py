@@ -20,7 +20,12 @@ def send_email(number: int) -> None:
     common.send_email(number)
 
 
+@dramatiq.actor(queue_name=common.QUEUE, max_retries=0)  # type: ignore[untyped-decorator]
+def deliver(number: int) -> None:
+    common.deliver(number)
+
+
 def enqueue(task: str, count: int) -> None:
-    actor = noop if task == "noop" else send_email
+    actor = {"noop": noop, "send_email": send_email, "deliver": deliver}[task]
     for number in range(count):
         actor.send(*(() if task == "noop" else (number,)))
