@@ -26,18 +26,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import connections
-import cron
-import dispatch
-import idempotency
-import inbox
-import metrics
-import notifications
-import queues
-import unsubscribe as unsubscribe_links
-from dashboard import mount_dashboard
-from digests import DigestBusyError
-from exceptions import (
+from herald.api import idempotency, inbox
+from herald.api.dashboard import mount_dashboard
+from herald.api.lazy import LazyApp
+from herald.api.security import DOCS_ASSETS_PATH, ApiKeyMiddleware, BodyLimitMiddleware, is_open
+from herald.exceptions import (
     IdempotencyConflict,
     JobNotFoundError,
     JobStateError,
@@ -48,9 +41,13 @@ from exceptions import (
     TemplateError,
     UnknownTaskError,
 )
-from lazy import LazyApp
-from logs import setup_logging_from
-from schemas import (
+from herald.infra import connections, metrics
+from herald.infra.logs import setup_logging_from
+from herald.jobs import cron, queues
+from herald.notify import dispatch, notifications
+from herald.notify import unsubscribe as unsubscribe_links
+from herald.notify.digests import DigestBusyError
+from herald.schemas import (
     ID_PATTERN,
     JOB_ID_PATTERN,
     ChannelName,
@@ -74,7 +71,6 @@ from schemas import (
     Unsubscribed,
     UserContact,
 )
-from security import DOCS_ASSETS_PATH, ApiKeyMiddleware, BodyLimitMiddleware, is_open
 from settings import get_settings, settings_or_exit
 
 setup_logging_from(settings_or_exit())
@@ -87,7 +83,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in 
 def mcp_http_app() -> Starlette:
     """MCP over streamable HTTP, mounted at /mcp/ below. Made on the first MCP request: the MCP SDK and
     FastMCP are most of what the API would otherwise import, for a route few clients use."""
-    import mcp_server
+    from herald.api import mcp_server
 
     mcp_app = mcp_server.mcp.http_app(path="/")
     gc.freeze()  # the modules just imported, out of the collector's walks too (see `lifespan`)

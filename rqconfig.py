@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from connections import SENTINEL_TIMEOUT_SECONDS, parse_sentinel_url
+from herald.infra.connections import SENTINEL_TIMEOUT_SECONDS, parse_sentinel_url
 from settings import Settings, get_settings
 
 

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/bootstrap.sh requirements.txt
-exec python serve.py "$@"
+exec python -m herald.serve "$@"

@@ -17,15 +17,12 @@ from redis import Redis
 from rq import get_current_job
 from rq.job import Job
 
-import connections
-import digests
-import metrics
-import notifications
-import preferences
-import recovery
-from channels import CHANNELS, Message, email, in_app
-from exceptions import PermanentError, TemplateError
-from schemas import AwaitArgs, EmailArgs, NoArgs
+from herald.exceptions import PermanentError, TemplateError
+from herald.infra import connections, metrics
+from herald.notify import digests, notifications, preferences
+from herald.notify.channels import CHANNELS, Message, email, in_app
+from herald.rq_seam import recovery
+from herald.schemas import AwaitArgs, EmailArgs, NoArgs
 from settings import get_settings
 
 log = logging.getLogger("tasks")

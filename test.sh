@@ -6,4 +6,5 @@ source scripts/bootstrap.sh requirements-dev.txt
 source scripts/test-tools.sh
 echo "== ruff" && ruff check . && ruff format --check .
 echo "== mypy" && mypy .
+echo "== private names of rq, rq_scheduler, redis outside herald/rq_seam" && python scripts/check_private_names.py
 echo "== pytest" && pytest "$@"

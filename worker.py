@@ -24,21 +24,19 @@ import logging
 import signal
 import sys
 import time
-from enum import IntEnum
-from multiprocessing.process import BaseProcess
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.worker import BaseWorker
-from rq.worker_pool import ForkProcess, WorkerData, WorkerPool
 
-import connections
 import tasks  # noqa: F401  # imported once here, before forking: each process would import it again
-from logs import setup_logging_from
-from recovery import RecoveringSimpleWorker, RecoveringWorker
+from herald.infra import connections
+from herald.infra.logs import setup_logging_from
+from herald.rq_seam.pool import Ending, Pool, asked_to_stop
+from herald.rq_seam.recovery import RecoveringSimpleWorker, RecoveringWorker
+from herald.rq_seam.threaded import ThreadedWorker
 from settings import QUEUE_NAMES, get_settings, settings_or_exit
-from threaded import ThreadedWorker
 
 log = logging.getLogger("worker")
 RESTART_DELAY_SECONDS = 2
@@ -71,49 +69,6 @@ def build_worker(connection: Redis | None = None) -> BaseWorker:
     return built
 
 
-class Ending(IntEnum):
-    """How a worker process ended: its exit status, by which a burst pool knows whether to replace it."""
-
-    DRAINED = 0
-    """It found the queues empty (burst)."""
-    UNAVAILABLE = 1
-    """Redis did not answer, or the worker quit on an error: the queues could not be drained."""
-    STOPPED = 2
-    """SIGTERM or SIGINT."""
-    RECYCLED = 3
-    """It ran its share of jobs or memory; a fresh process takes its place."""
-
-
-class Pool(WorkerPool):
-    """RQ's pool of worker processes, each running `serve` (our worker classes and their settings).
-
-    RQ's pool replaces no process in burst mode; this one replaces a recycled or crashed one, as the queues
-    may still hold jobs, until each has ended by finding them empty (`drained`).
-    """
-
-    unfinished: tuple[int | None, ...] = ()
-    """Exit statuses of the processes that ended without finding the queues empty or being recycled."""
-
-    def get_worker_process(self, name: str, burst: bool, _sleep: float = 0, logging_level: str = "INFO") -> BaseProcess:
-        return ForkProcess(target=_serve_in_pool, args=(burst,), name=f"worker {name}")
-
-    def handle_dead_worker(self, worker_data: WorkerData) -> None:
-        super().handle_dead_worker(worker_data)
-        status = worker_data.process.exitcode
-        if not self._burst or status == Ending.DRAINED:
-            return
-        if status != Ending.RECYCLED:
-            log.error("worker process %d ended with status %s before the queues were empty", worker_data.pid, status)
-            self.unfinished += (status,)
-        if status not in (Ending.UNAVAILABLE, Ending.STOPPED) and self.status != self.Status.STOPPED:
-            self.start_worker(burst=True)
-
-    @property
-    def drained(self) -> bool:
-        """After a burst: whether every process ended by finding the queues empty (or was replaced)."""
-        return self.status != self.Status.STOPPED and not self.unfinished
-
-
 def _serve_in_pool(burst: bool) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):  # the pool's own handlers, until the worker sets its
         signal.signal(signum, signal.SIG_DFL)
@@ -128,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = settings_or_exit()
     setup_logging_from(settings)
     count = args.processes or settings.worker_count
-    pool = Pool(list(QUEUE_NAMES), connections.settings_client(settings), num_workers=count)
+    pool = Pool(list(QUEUE_NAMES), connections.settings_client(settings), num_workers=count, serve=_serve_in_pool)
     gc.freeze()  # what is loaded now stays shared with the processes forked: their GC never writes to it
     log.info("starting %d %s worker process(es)", count, worker_class().__name__)
     pool.start(burst=args.burst, logging_level=settings.log_level)
@@ -153,7 +108,7 @@ def serve(burst: bool) -> Ending:
         if burst:
             return Ending.UNAVAILABLE
         time.sleep(RESTART_DELAY_SECONDS)
-        if _asked_to_stop(worker):  # a signal during the pause
+        if asked_to_stop(worker):  # a signal during the pause
             return Ending.STOPPED
         log.warning("worker quit without being asked to; starting it again")
 
@@ -171,18 +126,13 @@ def _run_worker(burst: bool) -> BaseWorker | None:
 
 def _ending(worker: BaseWorker | None) -> Ending | None:
     """Why `worker` stopped; None if for none of the reasons of `Ending` (Redis went away, an error)."""
-    if _asked_to_stop(worker):
+    if asked_to_stop(worker):
         return Ending.STOPPED
     if getattr(worker, "recycled", False):
         return Ending.RECYCLED
     if getattr(worker, "found_queues_empty", False):
         return Ending.DRAINED
     return None
-
-
-def _asked_to_stop(worker: BaseWorker | None) -> bool:
-    """SIGTERM or SIGINT: RQ notes `_stop_requested` only when it comes during a job, the date always."""
-    return worker is not None and worker._shutdown_requested_date is not None
 
 
 if __name__ == "__main__":

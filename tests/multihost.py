@@ -17,7 +17,7 @@ from redis import Redis
 from rq import Worker
 from rq.job import Job
 
-import connections
+from herald.infra import connections
 from tests.helpers import ROOT, stop_process, wait_until
 from tests.netns import Network
 from tests.replication import ReplicaSet

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import cron
+from herald.jobs import cron
 
 EVERY_SECOND = cron.PeriodicJob("test-every-second", task="noop", interval=1, priority="high")
 EVERY_TWO_SECONDS = cron.PeriodicJob("test-cron-two-seconds", task="noop", cron="* * * * * */2", priority="default")

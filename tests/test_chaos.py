@@ -13,11 +13,11 @@ from rq import Callback, Queue, Retry, Worker
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
-import queues
-import recovery
 from bench import chaos
-from mailsink import MailSink
-from recovery import CLAIMS_KEY, ClaimingQueue, RecoveringWorker
+from herald.jobs import queues
+from herald.mailsink import MailSink
+from herald.rq_seam import recovery
+from herald.rq_seam.recovery import CLAIMS_KEY, ClaimingQueue, RecoveringWorker
 from settings import get_settings
 from tests import fixtures
 from tests.conftest import StartProcess

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-import connections
+from herald.infra import connections
 from tests.helpers import ROOT
 from tests.test_compose import assert_entry_point_exists, words
 

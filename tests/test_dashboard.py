@@ -19,7 +19,7 @@ from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.job import Job
 
-from dashboard import mount_dashboard
+from herald.api.dashboard import mount_dashboard
 from settings import get_settings
 from tests.helpers import start_process, stop_process, wait_until
 

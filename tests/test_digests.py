@@ -19,10 +19,9 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from redis.exceptions import WatchError
 
-import digests
-import dispatch
-import mailsink
-from mailsink import MailSink
+from herald import mailsink
+from herald.mailsink import MailSink
+from herald.notify import digests, dispatch
 from tests.conftest import StartProcess
 from tests.helpers import wait_for_http, wait_until
 from tests.test_metrics import scrape, value

@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Queue
 
-import connections
-import serve
-from mailsink import free_port
+from herald import serve
+from herald.infra import connections
+from herald.mailsink import free_port
 from settings import get_settings
 from tests.helpers import wait_until
 

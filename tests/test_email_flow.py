@@ -15,8 +15,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from channels import email
-from mailsink import MailSink
+from herald.mailsink import MailSink
+from herald.notify.channels import email
 from settings import get_settings
 from tests.conftest import StartProcess
 from tests.helpers import wait_until

@@ -19,9 +19,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from channels import email
-from exceptions import PermanentError
-from mailsink import MailSink, free_port
+from herald.exceptions import PermanentError
+from herald.mailsink import MailSink, free_port
+from herald.notify.channels import email
 from settings import Settings, get_settings
 from tests.conftest import StartProcess
 from tests.helpers import wait_until

@@ -14,7 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Queue
 from rq.job import JobStatus
 
-import connections
+from herald.infra import connections
 from settings import get_settings
 from tests import fixtures
 from tests.helpers import descendants, start_process, start_time, stop_process, wait_until

@@ -16,10 +16,10 @@ from starlette.websockets import WebSocketDisconnect
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-import mailsink
-from channels import in_app
-from channels.base import Message
-from exceptions import PermanentError
+from herald import mailsink
+from herald.exceptions import PermanentError
+from herald.notify.channels import in_app
+from herald.notify.channels.base import Message
 from settings import get_settings
 from tests import inbox_app
 from tests.conftest import StartProcess

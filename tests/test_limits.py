@@ -14,10 +14,10 @@ from redis import asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rq.rate_limit import RateLimitRegistry
 
-import limits
-import queues
-from dashboard import mount_dashboard
-from mailsink import MailSink
+from herald.api.dashboard import mount_dashboard
+from herald.jobs import queues
+from herald.mailsink import MailSink
+from herald.rq_seam import limits
 from settings import get_settings
 from tests.conftest import StartProcess
 from tests.helpers import wait_until

@@ -28,11 +28,11 @@ from rq import Queue, SimpleWorker
 from rq.group import Group
 from rq.job import Job
 
-import metrics
-import queues
-import serve
-from logs import REDACTED, log_format_for, setup_logging
-from mailsink import MailSink, free_port
+from herald import serve
+from herald.infra import metrics
+from herald.infra.logs import REDACTED, log_format_for, setup_logging
+from herald.jobs import queues
+from herald.mailsink import MailSink, free_port
 from settings import Settings, get_settings
 from tests.helpers import ROOT, stop_process, wait_for_http, wait_until
 from tests.receiver import Receiver

@@ -18,9 +18,9 @@ from fastmcp.client.transports import StreamableHttpTransport
 from fastmcp.exceptions import ToolError
 from redis import Redis
 
-import mcp_server
-from mailsink import MailSink, free_port
-from schemas import JOB_ID_PATTERN, JobAccepted, JobPage, JobView, NotificationAccepted
+from herald.api import mcp_server
+from herald.mailsink import MailSink, free_port
+from herald.schemas import JOB_ID_PATTERN, JobAccepted, JobPage, JobView, NotificationAccepted
 from tests.conftest import StartProcess, _reset_caches
 from tests.helpers import wait_for_http, wait_until
 

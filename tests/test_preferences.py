@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from mailsink import MailSink
+from herald.mailsink import MailSink
 from tests.conftest import StartProcess
 from tests.helpers import wait_until
 from tests.test_metrics import scrape, value

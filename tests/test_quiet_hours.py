@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from quiet_hours import is_known_zone, is_quiet, window_end
+from herald.notify.quiet_hours import is_known_zone, is_quiet, window_end
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NIGHT = (time(22), time(7))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import rendering
-from exceptions import ServiceError, TemplateError
+from herald.exceptions import ServiceError, TemplateError
+from herald.notify import rendering
 
 
 def make_template(folder: Path, name: str, **parts: str) -> Path:

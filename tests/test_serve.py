@@ -17,8 +17,8 @@ from typing import IO
 import httpx2 as httpx
 import pytest
 
-from mailsink import free_port
-from serve import port_is_free
+from herald.mailsink import free_port
+from herald.serve import port_is_free
 from tests.helpers import ROOT, descendants, wait_for_http, wait_until
 
 STOP_DEADLINE_SECONDS = 10
@@ -119,7 +119,7 @@ def start_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
         env.pop("SMTP_HOST", None)
         env.pop("DASHBOARD_PASSWORD", None)
         args = ["--port", str(ports["api"]), "--mail-port", str(ports["mail"]), "--var", str(tmp_path), *extra]
-        command = [sys.executable, "serve.py", *args]
+        command = [sys.executable, "-m", "herald.serve", *args]
         stdout, reader = _output(kind, log)
         options = {"cwd": ROOT, "env": env, "stdout": stdout, "stderr": subprocess.STDOUT}
         process = subprocess.Popen(command, start_new_session=True, **options)  # type: ignore[call-overload]

@@ -15,8 +15,8 @@ from rq import Callback, Queue
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-import queues
-from recovery import CLAIMS_KEY
+from herald.jobs import queues
+from herald.rq_seam.recovery import CLAIMS_KEY
 from settings import get_settings
 from tests import fixtures
 from tests.conftest import StartProcess

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from rq.registry import FinishedJobRegistry
 
-from recovery import CLAIMS_KEY
+from herald.rq_seam.recovery import CLAIMS_KEY
 from settings import get_settings
 from tests.conftest import StartProcess
 from tests.helpers import wait_until

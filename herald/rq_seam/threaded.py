@@ -1,0 +1,251 @@
+"""A worker process that runs several jobs at once, each in a thread: for deliveries, which wait on
+the network (an SMTP server or a webhook receiver answering in 100 ms leaves a process idle 99% of it).
+
+`ThreadedWorker` is `RecoveringSimpleWorker` (RQ's `SimpleWorker` with claimed pops and heartbeats from
+a thread) whose main loop claims a job only when one of its `threads` is free, and hands it to that
+thread. Each job is still one RQ execution: registered as started with its own heartbeat, retried with
+backoff, recovered if the process dies (its claim or its expired heartbeat, as for any worker), and
+visible in the registries and the dashboard. Jobs time out by `TimerDeathPenalty` (an exception raised
+in the job's thread), since a signal reaches only the main thread. A warm shutdown (SIGTERM, SIGINT)
+stops the claiming and waits for the running jobs; so do the end of a burst and a recycle.
+
+RQ's built-in scheduler (retry delays) runs in a thread of the worker (`ThreadScheduler`), not in a
+process forked for it: the same loop, locks and heartbeats, without a third process's memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+import threading
+from contextlib import suppress
+from types import FrameType
+from typing import Any
+
+from redis.client import Pipeline
+from rq import Queue
+from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
+from rq.exceptions import StopRequested
+from rq.job import Job
+from rq.scheduler import RQScheduler, run
+from rq.timeouts import TimerDeathPenalty
+from rq.worker import WorkerStatus
+
+from herald.rq_seam.recovery import RecoveringSimpleWorker, Wakeups
+
+M_ARENA_MAX = -8
+"""glibc's `mallopt` parameter: how many malloc arenas a process may make."""
+MALLOC_ARENAS = 2
+_WAITS_FOR_WORK = {threading.Semaphore.acquire.__code__, Wakeups.wait.__code__}
+"""Where the main thread waits holding no claim (for a free thread, for a job to come): a stop may end it there."""
+FREE_THREAD_WAIT_SECONDS = 1.0
+STOP_CHECK_SECONDS = 1
+"""How long the main loop waits for a free thread before it sends a heartbeat and looks again."""
+
+
+def limit_malloc_arenas() -> None:
+    """At most `MALLOC_ARENAS` malloc arenas in this process (glibc), unless MALLOC_ARENA_MAX says otherwise.
+
+    glibc gives threads arenas of their own, up to 8 per core, each holding freed memory: a few MiB of
+    resident memory for threads that mostly wait on the network and allocate little.
+    """
+    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+        return
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+
+
+def _waiting_for_work(frame: FrameType | None) -> bool:
+    """Whether the interrupted main thread (`frame` and its callers) waits in one of `_WAITS_FOR_WORK`."""
+    while frame is not None:
+        if frame.f_code in _WAITS_FOR_WORK:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class ThreadScheduler(RQScheduler):
+    """RQ's scheduler in a thread: `start` runs RQ's loop in a daemon thread that stands for RQ's process
+    (the worker asks it `is_alive()` to start a dead one again); the worker's main thread, which gets
+    the signals, stops it with `request_stop`."""
+
+    def start(self) -> threading.Thread:
+        self._status = self.Status.STARTED
+        self._stop_requested = False
+        thread = threading.Thread(target=run, args=(self,), name="scheduler", daemon=True)
+        self._process = thread  # type: ignore[assignment]
+        thread.start()
+        return thread
+
+    def _install_signal_handlers(self) -> None:
+        """None: only the main thread may install them, and the worker's own stop this thread."""
+
+    def stop_thread(self) -> None:
+        self.request_stop()
+        if isinstance(self._process, threading.Thread) and self._process is not threading.current_thread():
+            self._process.join()
+
+
+class ThreadedWorker(RecoveringSimpleWorker):
+    """Up to `threads` jobs at once in one process; otherwise RQ's `SimpleWorker` with our recovery."""
+
+    death_penalty_class = TimerDeathPenalty
+    threads = 8
+    _cold = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        limit_malloc_arenas()
+        super().__init__(*args, **kwargs)
+        self._free = threading.BoundedSemaphore(self.threads)
+        self._count_lock = threading.Lock()
+        self._running: set[threading.Thread] = set()
+
+    def set_threads(self, threads: int) -> None:
+        """Run up to `threads` jobs at once (before `work`)."""
+        self.threads = threads
+        self._free = threading.BoundedSemaphore(threads)
+
+    @property
+    def dequeue_timeout(self) -> int:
+        """An idle wait for a job is cut into waits this long, each after a heartbeat (`heartbeat` ends
+        a stop that came while no wait could be cut short)."""
+        return STOP_CHECK_SECONDS
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """RQ's (our lean one); on the main thread, the place where a stop deferred by `_shutdown` ends the
+        loop: the main thread calls it before each claim and holds no claim then."""
+        if self._stop_requested and threading.current_thread() is threading.main_thread():
+            raise StopRequested()
+        super().heartbeat(timeout, pipeline)
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """A job is claimed only once a thread is free to run it, so none waits here, claimed."""
+        while not self._free.acquire(timeout=FREE_THREAD_WAIT_SECONDS):
+            self.heartbeat()
+        if self._stop_requested:
+            self._free.release()
+            raise StopRequested()
+        try:
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        except BaseException:
+            self._free.release()
+            raise
+        if result is None:
+            self._free.release()
+        return result
+
+    def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
+        """The worker is busy while any of its jobs runs: the `idle` RQ's loop writes before each claim
+        (a round trip of the one claiming thread, and a flip the dashboard would show) waits until none does."""
+        if state == WorkerStatus.IDLE and pipeline is None and self._running:
+            return
+        super().set_state(state, pipeline)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Start the job in a thread. It counts towards `max_jobs_per_process` now: the process claims
+        no more than its share, and ends (once its jobs have) when it has claimed it."""
+        thread = threading.Thread(target=self._run, args=(job, queue), name=f"job {job.id}", daemon=True)
+        with self._count_lock:
+            self._running.add(thread)
+            self.jobs_run += 1
+            self._recycle_if_due()
+        thread.start()
+
+    def _run(self, job: Job, queue: Queue) -> None:
+        try:
+            execution = self.prepare_execution(job)
+            self.perform_job(job, queue, execution)
+            with self._count_lock:
+                self._running.discard(threading.current_thread())
+                idle = not self._running
+                self._recycle_if_due()
+            if idle:
+                self.set_state(WorkerStatus.IDLE)
+        finally:
+            with self._count_lock:
+                self._running.discard(threading.current_thread())
+            self._free.release()
+
+    def _start_scheduler(
+        self,
+        burst: bool = False,
+        logging_level: str | None = "INFO",
+        date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
+        log_format: str = DEFAULT_LOGGING_FORMAT,
+    ) -> None:
+        """RQ's, with the scheduler in a thread (`ThreadScheduler`) instead of a forked process."""
+        self.scheduler = ThreadScheduler(
+            self.queues,
+            connection=self.connection,
+            logging_level=logging_level if logging_level is not None else self.log.level,
+            date_format=date_format,
+            log_format=log_format,
+            serializer=self.serializer,
+        )
+        self.scheduler.acquire_locks()
+        if not self.scheduler.acquired_locks:
+            return
+        if not burst:
+            self.scheduler.start()
+            return
+        try:  # a burst: what is due now, once, as RQ's does
+            self.scheduler.register_birth()
+            self.scheduler.enqueue_scheduled_jobs()
+        finally:
+            self.scheduler.release_locks()
+            self.scheduler.register_death()
+
+    def stop_scheduler(self) -> None:
+        if isinstance(self.scheduler, ThreadScheduler):
+            self.scheduler.stop_thread()
+
+    def _recycle_if_due(self) -> None:
+        """RecoveringSimpleWorker's recycling (its share of jobs, or of memory), under the count lock."""
+        reason = self.recycle_reason()
+        if reason and not self.recycled:
+            self.log.info("worker %s: %s; it stops so that a fresh process takes its place", self.name, reason)
+            self.recycled = self._stop_requested = True
+
+    def _shutdown(self) -> None:
+        """Warm shutdown: stop claiming at once, then (`teardown`) wait for the running jobs.
+
+        RQ's raises `StopRequested` from the signal handler only when idle, and else lets the current
+        job end and the loop notice; here the main thread runs no job but may wait for one in the
+        dequeue, which RQ's loop would not leave: the signal ends the loop there at once. Anywhere else
+        (between a claim and the start of its job's thread, say) the loop stops at its next heartbeat,
+        before its next claim (within `STOP_CHECK_SECONDS`), so that no claimed job is left unstarted
+        for the crash recovery.
+        """
+        self._stop_requested = True
+        self.set_shutdown_requested_date()
+        if self.scheduler:
+            self.stop_scheduler()
+        if _waiting_for_work(sys._getframe(1)):
+            raise StopRequested()
+
+    def request_force_stop(self, signum: int, frame: FrameType | None) -> None:
+        """Cold shutdown (a second signal): leave without waiting; the jobs' heartbeats expire and the
+        crash recovery runs them again, as after a kill."""
+        try:
+            super().request_force_stop(signum, frame)  # returns when it takes the signal for a duplicate
+        except SystemExit:
+            self._cold = True
+            raise
+
+    def teardown(self) -> None:
+        """Wait for the running jobs before the worker leaves the registry (warm shutdown)."""
+        if not self._cold:
+            self.wait_for_jobs()
+        super().teardown()
+
+    def wait_for_jobs(self) -> None:
+        while True:
+            with self._count_lock:
+                running = next(iter(self._running), None)
+            if running is None:
+                return
+            running.join()
