@@ -7,3 +7,4 @@ source scripts/test-tools.sh
 echo "== ruff" && ruff check . && ruff format --check .
 echo "== mypy" && mypy .
 echo "== pytest" && pytest "$@"
+echo "== rq upstream" && scripts/rq-upstream.sh
