@@ -104,6 +104,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_differences] = read_differences(Path(os.environ[DIFFERENT_ENV]))
 
 
+@pytest.hookimpl(tryfirst=True)  # sees every collected test, before `-k` or `--last-failed` select some
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     differences = config.stash[_differences]
     unknown = sorted(set(differences) - {item.nodeid for item in items})
