@@ -8,3 +8,4 @@ echo "== ruff" && ruff check . && ruff format --check .
 echo "== mypy" && mypy .
 echo "== private names of rq, rq_scheduler, redis outside herald/rq_seam" && python scripts/check_private_names.py
 echo "== pytest" && pytest "$@"
+echo "== rq upstream" && scripts/rq-upstream.sh
