@@ -381,7 +381,7 @@ class _LeanBookkeeping(BaseWorker):
             beat.hexists(self.key, "birth")
             beat.sismember(self.redis_workers_keys, self.key)
             *_, whole, registered = beat.execute()
-        if not (whole and registered):
+        if not (whole and registered) and self.birth_date is not None:  # a worker that never ran work() has none
             self._register_again(ttl)
 
     def _register_again(self, ttl: int) -> None:
@@ -489,7 +489,10 @@ class _LeanBookkeeping(BaseWorker):
         job._status = JobStatus.FINISHED
         release_slot(job)
         taken = job.ended_at - job.started_at  # type: ignore[operator]
-        self.log.info("Successfully completed job %s in %ss on worker %s", job.id, taken, self.name)
+        if self.log_job_description:  # RQ's own line, as `handle_job_success` writes it
+            self.log.info("Successfully completed %s job in %ss on worker %s", job.description, taken, self.name)
+        else:
+            self.log.info("Successfully completed job %s in %ss on worker %s", job.id, taken, self.name)
 
     def _record_success(self, job: Job, result_ttl: int, execution: Execution, pipeline: Pipeline) -> None:
         """RQ's `handle_job_success` writes, without those `handle_job_success` tells."""

@@ -5,8 +5,8 @@ When the project's modules move, only these imports change.
 
 from __future__ import annotations
 
-from recovery import CLAIMS_KEY, ClaimingQueue, RecoveringSimpleWorker, RecoveringWorker
-from threaded import ThreadedWorker
+from herald.rq_seam.recovery import CLAIMS_KEY, ClaimingQueue, RecoveringSimpleWorker, RecoveringWorker
+from herald.rq_seam.threaded import ThreadedWorker
 
 WORKER = RecoveringWorker
 """Stands in for `rq.Worker` (RQ's forking worker; the project's with WORKER_CLASS=fork)."""
