@@ -34,35 +34,42 @@ class LazyApp:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """While the host app runs: a task that builds the app when first wanted and holds its lifespan."""
-        self._wanted, stop = asyncio.Event(), asyncio.Event()
-        self._ready = asyncio.get_running_loop().create_future()
-        holder = asyncio.create_task(self._hold(stop))
+        """While the host app runs: a task that builds the app when first wanted and holds its lifespan.
+
+        A second lifespan of the same host (a test client beside another one) gets its own build and
+        leaves the first one's state as it found it.
+        """
+        wanted, stop = asyncio.Event(), asyncio.Event()
+        ready: asyncio.Future[Starlette] = asyncio.get_running_loop().create_future()
+        outer = (self._app, self._wanted, self._ready)
+        self._app, self._wanted, self._ready = None, wanted, ready
+        holder = asyncio.create_task(self._hold(wanted, ready, stop))
         try:
             yield
         finally:
             stop.set()
-            self._wanted.set()
+            wanted.set()
             await holder
-            self._app = self._wanted = self._ready = None
+            if self._ready is ready:
+                self._app, self._wanted, self._ready = outer
 
-    async def _hold(self, stop: asyncio.Event) -> None:
+    async def _hold(self, wanted: asyncio.Event, ready: asyncio.Future[Starlette], stop: asyncio.Event) -> None:
         """Build, enter the app's lifespan and stay in it until `stop`: one task enters and leaves it,
         as its task groups (the MCP session manager's) require."""
-        assert self._wanted is not None and self._ready is not None
-        await self._wanted.wait()
+        await wanted.wait()
         if stop.is_set():
             return
         try:
             app = await asyncio.to_thread(self._build)
             async with app.router.lifespan_context(app):
-                self._app = app
-                self._ready.set_result(app)
+                if self._ready is ready:
+                    self._app = app
+                ready.set_result(app)
                 await stop.wait()
         except Exception as exc:
             log.exception("%s could not be started", self._name)
-            if not self._ready.done():
-                self._ready.set_exception(exc)
+            if not ready.done():
+                ready.set_exception(exc)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._app is None:
