@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq.job import JobStatus
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
@@ -43,13 +44,12 @@ from herald.exceptions import (
 )
 from herald.infra import connections, metrics
 from herald.infra.logs import setup_logging_from
+from herald.infra.patterns import ID_PATTERN, IDEMPOTENCY_KEY_PATTERN, JOB_ID_PATTERN, NOTIFICATION_ID_PATTERN
 from herald.jobs import cron, queues
 from herald.notify import dispatch, notifications
 from herald.notify import unsubscribe as unsubscribe_links
 from herald.notify.digests import DigestBusyError
 from herald.schemas import (
-    ID_PATTERN,
-    JOB_ID_PATTERN,
     ChannelName,
     ContactView,
     DigestView,
@@ -202,7 +202,7 @@ app.add_middleware(CorrelationIdMiddleware)
 
 
 IdempotencyKey = Annotated[
-    str | None, Header(pattern=idempotency.KEY_PATTERN, description="same key within 24 h: same answer, nothing new")
+    str | None, Header(pattern=IDEMPOTENCY_KEY_PATTERN, description="same key within 24 h: same answer, nothing new")
 ]
 
 
@@ -267,9 +267,8 @@ def send_email_batch(request: SendEmailBatch) -> Response:
     priority, and checking a thousand of them against the model again cost a tenth of the request.
     """
     ids = queues.enqueue_emails([email.model_dump(mode="json") for email in request.emails], request.priority)
-    accepted = [
-        {"job_id": id_, "status": "queued", "queue": request.priority, "status_url": f"/job/{id_}"} for id_ in ids
-    ]
+    queued = {"status": JobStatus.QUEUED.value, "queue": request.priority}
+    accepted = [{"job_id": id_, **queued, "status_url": f"/job/{id_}"} for id_ in ids]
     return JSONResponse({"jobs": accepted}, status_code=202)
 
 
@@ -342,7 +341,7 @@ def create_notification(
     return _idempotent("notifications", idempotency_key, body, lambda: dispatch.create_notification(body, correlation))
 
 
-NotificationId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+NotificationId = Annotated[str, Path(pattern=NOTIFICATION_ID_PATTERN)]
 
 
 def _found(view: NotificationView | None, notification_id: str) -> NotificationView:
