@@ -508,8 +508,8 @@ def create_app(settings: Settings) -> FastAPI:
         static_url=DOCS_ASSETS_PATH,
         exception_handlers=EXCEPTION_HANDLERS,
     )
-    app.add_middleware(BodyLimitMiddleware)  # 413 before any route reads the body
-    app.add_middleware(ApiKeyMiddleware)  # added after it, so it runs first: no key, no body read
+    app.add_middleware(BodyLimitMiddleware, settings=settings)  # 413 before any route reads the body
+    app.add_middleware(ApiKeyMiddleware, settings=settings)  # added after it, so it runs first: no key, no body read
     app.add_middleware(CorrelationIdMiddleware)  # outermost: every answer carries X-Request-ID
     app.include_router(router)
     app.mount("/mcp", mcp_app)
