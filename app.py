@@ -6,13 +6,13 @@ import gc
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Annotated, Any
 from uuid import uuid4
 
-from fastapi import FastAPI, Header, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, FastAPI, Header, HTTPException, Path, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from rq.job import JobStatus
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
@@ -43,13 +44,12 @@ from herald.exceptions import (
 )
 from herald.infra import connections, metrics
 from herald.infra.logs import setup_logging_from
+from herald.infra.patterns import ID_PATTERN, IDEMPOTENCY_KEY_PATTERN, JOB_ID_PATTERN, NOTIFICATION_ID_PATTERN
 from herald.jobs import cron, queues
 from herald.notify import dispatch, notifications
 from herald.notify import unsubscribe as unsubscribe_links
 from herald.notify.digests import DigestBusyError
 from herald.schemas import (
-    ID_PATTERN,
-    JOB_ID_PATTERN,
     ChannelName,
     ContactView,
     DigestView,
@@ -71,10 +71,10 @@ from herald.schemas import (
     Unsubscribed,
     UserContact,
 )
-from settings import get_settings, settings_or_exit
+from settings import Settings, settings_or_exit
 
-setup_logging_from(settings_or_exit())
 log = logging.getLogger("app")
+Handler = Callable[[Request, Any], Coroutine[Any, Any, Response]]
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (400, 404, 409, 413, 422, 503)}
 """Every operation's error answers: 400 a body that is not JSON, 413 a body over MAX_BODY_BYTES, and the rest."""
@@ -110,27 +110,30 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await connections.close_async_clients()
 
 
-app = FastAPIOffline(  # /docs and /redoc with their scripts served from here: no CDN, they work offline
-    title="Job and notification service",
-    description="Queue emails and registered tasks on RQ; watch them run.",
-    responses=ERRORS,
-    lifespan=lifespan,
-    static_url=DOCS_ASSETS_PATH,
-)
-app.add_middleware(BodyLimitMiddleware)  # 413 before any route reads the body
-app.add_middleware(ApiKeyMiddleware)  # added last, so it runs first: no key, no body read
+router = APIRouter()
+"""Every route of the API; `create_app` includes it."""
+EXCEPTION_HANDLERS: dict[int | type[Exception], Handler] = {}
+"""How errors become answers; `create_app` installs them."""
+
+
+def _handles(*kinds: type[Exception]) -> Callable[[Handler], Handler]:
+    def register(handler: Handler) -> Handler:
+        EXCEPTION_HANDLERS.update(dict.fromkeys(kinds, handler))
+        return handler
+
+    return register
+
 
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="The id returned when the job was queued.")]
 
 
-@app.exception_handler(RedisConnectionError)
-@app.exception_handler(RedisTimeoutError)
+@_handles(RedisConnectionError, RedisTimeoutError)
 async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("redis unavailable: %s", type(exc).__name__)
     return JSONResponse({"detail": "Redis is unavailable; try again shortly"}, status_code=503)
 
 
-@app.exception_handler(ResponseError)
+@_handles(ResponseError)
 async def redis_out_of_memory(request: Request, exc: Exception) -> JSONResponse:
     """Redis at `maxmemory` (noeviction) refuses writes: 503, not a 500; other Redis errors stay 500."""
     if not (isinstance(exc, OutOfMemoryError) or str(exc).startswith("OOM")):
@@ -160,13 +163,13 @@ def _finite(value: Any) -> Any:
     return [_finite(item) for item in value] if isinstance(value, list) else value
 
 
-@app.exception_handler(RequestValidationError)
+@_handles(RequestValidationError)
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422, which echoes the invalid input: one holding NaN or Infinity must not become a 500."""
     return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
 
 
-@app.exception_handler(ServiceError)
+@_handles(ServiceError)
 async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
     """Errors whose message is meant for the client: unknown ids, conflicts, unusable input."""
     status = next((code for kind, code in STATUS_OF_ERROR.items() if isinstance(exc, kind)), 400)
@@ -198,11 +201,8 @@ class CorrelationIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-app.add_middleware(CorrelationIdMiddleware)
-
-
 IdempotencyKey = Annotated[
-    str | None, Header(pattern=idempotency.KEY_PATTERN, description="same key within 24 h: same answer, nothing new")
+    str | None, Header(pattern=IDEMPOTENCY_KEY_PATTERN, description="same key within 24 h: same answer, nothing new")
 ]
 
 
@@ -242,7 +242,7 @@ def _enqueue(task: str, kwargs: dict[str, Any], priority: Priority, due: datetim
         return queues.job_accepted(queues.enqueue_task(task, kwargs, priority, due))
 
 
-@app.post("/send-email", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)
+@router.post("/send-email", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)
 async def send_email(request: SendEmailRequest, idempotency_key: IdempotencyKey = None) -> dict[str, Any] | Response:
     """Queue one email, now or later; a worker sends it, retrying transient failures with backoff.
 
@@ -259,7 +259,7 @@ async def send_email(request: SendEmailRequest, idempotency_key: IdempotencyKey 
     return Response(accepted, status_code=202, media_type="application/json")
 
 
-@app.post("/send-email/batch", status_code=202, response_model=JobsAccepted, response_model_exclude_none=True)
+@router.post("/send-email/batch", status_code=202, response_model=JobsAccepted, response_model_exclude_none=True)
 def send_email_batch(request: SendEmailBatch) -> Response:
     """Queue up to 1,000 emails in one request and one Redis transaction (all or none).
 
@@ -267,13 +267,12 @@ def send_email_batch(request: SendEmailBatch) -> Response:
     priority, and checking a thousand of them against the model again cost a tenth of the request.
     """
     ids = queues.enqueue_emails([email.model_dump(mode="json") for email in request.emails], request.priority)
-    accepted = [
-        {"job_id": id_, "status": "queued", "queue": request.priority, "status_url": f"/job/{id_}"} for id_ in ids
-    ]
+    queued = {"status": JobStatus.QUEUED.value, "queue": request.priority}
+    accepted = [{"job_id": id_, **queued, "status_url": f"/job/{id_}"} for id_ in ids]
     return JSONResponse({"jobs": accepted}, status_code=202)
 
 
-@app.get("/send-email/{email}", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)
+@router.get("/send-email/{email}", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)
 def send_welcome_email(email: str) -> JobAccepted:
     """Browser-friendly: queue a welcome email to the address in the path."""
     try:
@@ -283,13 +282,13 @@ def send_welcome_email(email: str) -> JobAccepted:
     return _enqueue("send_email", message.model_dump(), "default")
 
 
-@app.post("/jobs", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)
+@router.post("/jobs", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)
 def create_job(request: JobRequest) -> JobAccepted:
     """Queue any task registered in `tasks.TASKS`, now or later; an unknown name is refused."""
     return _enqueue(request.task, request.kwargs, request.priority, request.due_at())
 
 
-@app.get("/jobs/failed", response_model=JobPage)
+@router.get("/jobs/failed", response_model=JobPage)
 def list_failed_jobs(
     queue: Priority | None = None,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
@@ -300,7 +299,7 @@ def list_failed_jobs(
     return JobPage(total=total, offset=offset, limit=limit, jobs=[queues.job_view(job) for job in jobs])
 
 
-@app.get("/jobs/scheduled", response_model=JobPage)
+@router.get("/jobs/scheduled", response_model=JobPage)
 def list_scheduled_jobs(
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -310,30 +309,30 @@ def list_scheduled_jobs(
     return JobPage(total=total, offset=offset, limit=limit, jobs=[queues.job_view(job) for job in jobs])
 
 
-@app.get("/jobs/periodic", response_model=PeriodicJobList)
+@router.get("/jobs/periodic", response_model=PeriodicJobList)
 def list_periodic_jobs() -> PeriodicJobList:
     """Each periodic job (declared in `cron.py`) with its schedule, its last run and its next run."""
     return cron.periodic_jobs(queues.get_redis())
 
 
-@app.get("/job/{job_id}", response_model=JobView)
+@router.get("/job/{job_id}", response_model=JobView)
 def get_job(job_id: JobId) -> JobView:
     return queues.job_view(queues.fetch_job(job_id))
 
 
-@app.delete("/job/{job_id}", response_model=JobView)
+@router.delete("/job/{job_id}", response_model=JobView)
 def cancel_job(job_id: JobId) -> JobView:
     """Cancel a job that has not started yet (409 once it has run)."""
     return queues.job_view(queues.cancel_job(job_id))
 
 
-@app.post("/job/{job_id}/requeue", status_code=202, response_model=JobView)
+@router.post("/job/{job_id}/requeue", status_code=202, response_model=JobView)
 def requeue_job(job_id: JobId) -> JobView:
     """Put a failed job back on its queue with its retries restored."""
     return queues.job_view(queues.requeue_job(job_id))
 
 
-@app.post("/notifications", status_code=202, response_model=NotificationAccepted)
+@router.post("/notifications", status_code=202, response_model=NotificationAccepted)
 def create_notification(
     body: NotificationRequest, request: Request, idempotency_key: IdempotencyKey = None
 ) -> dict[str, Any]:
@@ -342,7 +341,7 @@ def create_notification(
     return _idempotent("notifications", idempotency_key, body, lambda: dispatch.create_notification(body, correlation))
 
 
-NotificationId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$")]
+NotificationId = Annotated[str, Path(pattern=NOTIFICATION_ID_PATTERN)]
 
 
 def _found(view: NotificationView | None, notification_id: str) -> NotificationView:
@@ -351,25 +350,25 @@ def _found(view: NotificationView | None, notification_id: str) -> NotificationV
     return view
 
 
-@app.get("/notifications/{notification_id}", response_model=NotificationView)
+@router.get("/notifications/{notification_id}", response_model=NotificationView)
 def get_notification(notification_id: NotificationId) -> NotificationView:
     """The notification and each delivery: status, attempts, next retry, last error."""
     return _found(dispatch.get_notification(notification_id), notification_id)
 
 
-@app.delete("/notifications/{notification_id}", response_model=NotificationView)
+@router.delete("/notifications/{notification_id}", response_model=NotificationView)
 def cancel_notification(notification_id: NotificationId) -> NotificationView:
     """Cancel every delivery that has not been made yet."""
     return _found(dispatch.cancel_notification(notification_id), notification_id)
 
 
-@app.post("/notifications/{notification_id}/deliveries/{channel}/retry", status_code=202)
+@router.post("/notifications/{notification_id}/deliveries/{channel}/retry", status_code=202)
 def retry_delivery(notification_id: NotificationId, channel: ChannelName) -> NotificationView:
     """Retry a failed delivery now, with a fresh attempt budget (409 unless it failed)."""
     return _found(dispatch.retry_delivery(notification_id, channel), notification_id)
 
 
-@app.get("/digests/{delivery_id}", response_model=DigestView)
+@router.get("/digests/{delivery_id}", response_model=DigestView)
 def get_digest(delivery_id: NotificationId) -> DigestView:
     """A digest (the `digest_delivery_id` of its notifications' deliveries): its notifications and its delivery."""
     view = dispatch.get_digest(delivery_id)
@@ -381,7 +380,7 @@ def get_digest(delivery_id: NotificationId) -> DigestView:
 UserId = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
-@app.put("/users/{user_id}/contact", response_model=ContactView)
+@router.put("/users/{user_id}/contact", response_model=ContactView)
 def save_contact(user_id: UserId, contact: UserContact) -> ContactView:
     """Store where a user's email (`to`) and webhook notifications go when a request names no target."""
     if contact.webhook_url:
@@ -390,14 +389,14 @@ def save_contact(user_id: UserId, contact: UserContact) -> ContactView:
     return ContactView.of(contact.to, contact.webhook_url)
 
 
-@app.put("/users/{user_id}/preferences", response_model=Preferences)
+@router.put("/users/{user_id}/preferences", response_model=Preferences)
 def save_preferences(user_id: UserId, wishes: Preferences) -> Preferences:
     """Replace a user's preferences; parts left out take their defaults (every channel on, no topic
     exceptions, no quiet hours). The answer is what is stored, every channel listed."""
     return dispatch.save_preferences(user_id, wishes)
 
 
-@app.get("/users/{user_id}/preferences", response_model=Preferences)
+@router.get("/users/{user_id}/preferences", response_model=Preferences)
 def get_preferences(user_id: UserId) -> Preferences:
     """A user's preferences; the defaults for a user who never stored any."""
     return dispatch.get_preferences(user_id)
@@ -410,7 +409,7 @@ HTML_ANSWERS: dict[int | str, dict[str, Any]] = {
 """The pages of the unsubscribe routes; their other errors (422, 503) stay JSON, as everywhere."""
 
 
-@app.get("/unsubscribe/{token}", responses=HTML_ANSWERS)
+@router.get("/unsubscribe/{token}", responses=HTML_ANSWERS)
 def unsubscribe_page(token: UnsubscribeToken) -> HTMLResponse:
     """A page with one button that unsubscribes; opening it changes nothing (mail scanners open links).
     Needs no API key."""
@@ -420,7 +419,7 @@ def unsubscribe_page(token: UnsubscribeToken) -> HTMLResponse:
     return HTMLResponse(unsubscribe_links.confirm_page(subscription), 200, unsubscribe_links.SECURITY_HEADERS)
 
 
-@app.post(
+@router.post(
     "/unsubscribe/{token}",
     response_model=Unsubscribed,
     responses={**HTML_ANSWERS, 400: {**HTML_ANSWERS[400], "model": Problem}},
@@ -441,7 +440,7 @@ def unsubscribe(token: UnsubscribeToken, request: Request) -> Response:
     return JSONResponse(Unsubscribed.model_validate({**subscription._asdict(), "subscribed": False}).model_dump())
 
 
-@app.get("/users/{user_id}/contact", response_model=ContactView)
+@router.get("/users/{user_id}/contact", response_model=ContactView)
 def get_contact(user_id: UserId) -> ContactView:
     """The stored contact of a user (404 when none was stored)."""
     stored = notifications.load_contact(queues.get_redis(), user_id)
@@ -450,18 +449,17 @@ def get_contact(user_id: UserId) -> ContactView:
     return ContactView.of(stored.get("email"), stored.get("webhook_url"))
 
 
-app.include_router(inbox.router)
-app.mount("/mcp", mcp_app)
+router.include_router(inbox.router)
 
 
-@app.get("/healthz", responses={503: {"model": Problem}})
+@router.get("/healthz", responses={503: {"model": Problem}})
 def healthz() -> dict[str, str]:
     """200 when Redis answers; Redis errors become the 503 above."""
     queues.get_redis().ping()
     return {"status": "ok", "redis": "ok"}
 
 
-@app.get("/readyz", responses={503: {"model": Problem}})
+@router.get("/readyz", responses={503: {"model": Problem}})
 def readyz() -> dict[str, str | int]:
     """200 when Redis answers and at least one worker has a live heartbeat, else 503 with the reason."""
     try:
@@ -473,13 +471,10 @@ def readyz() -> dict[str, str | int]:
     return {"status": "ok", "redis": "ok", "workers": workers}
 
 
-@app.get("/metrics", response_class=PlainTextResponse, responses={503: {"model": Problem}})
+@router.get("/metrics", response_class=PlainTextResponse, responses={503: {"model": Problem}})
 def prometheus_metrics() -> Response:
     """Prometheus metrics of the whole service (queues, workers, jobs, notifications), read from Redis."""
     return Response(metrics.exposition(queues.get_redis()), media_type=metrics.CONTENT_TYPE)
-
-
-mount_dashboard(app, get_settings())
 
 
 API_KEY_SCHEMES = {
@@ -489,7 +484,7 @@ API_KEY_SCHEMES = {
 """How to send an API key, in the schema: /docs then has an "Authorize" button that sends it on "Try it out"."""
 
 
-def openapi_with_api_keys() -> dict[str, Any]:
+def openapi_with_api_keys(app: FastAPI) -> dict[str, Any]:
     """FastAPI's schema, plus the API-key schemes (checked by `ApiKeyMiddleware`; routes open without a key
     say so). Without keys configured, requests without one are accepted all the same."""
     if app.openapi_schema is None:
@@ -502,4 +497,26 @@ def openapi_with_api_keys() -> dict[str, Any]:
     return app.openapi_schema or {}
 
 
-app.openapi = openapi_with_api_keys  # type: ignore[method-assign]
+def create_app(settings: Settings) -> FastAPI:
+    """The API, set up from `settings`: logs, routes, error answers, middleware, /mcp and the dashboard."""
+    setup_logging_from(settings)
+    app = FastAPIOffline(  # /docs and /redoc with their scripts served from here: no CDN, they work offline
+        title="Job and notification service",
+        description="Queue emails and registered tasks on RQ; watch them run.",
+        responses=ERRORS,
+        lifespan=lifespan,
+        static_url=DOCS_ASSETS_PATH,
+        exception_handlers=EXCEPTION_HANDLERS,
+    )
+    app.add_middleware(BodyLimitMiddleware, settings=settings)  # 413 before any route reads the body
+    app.add_middleware(ApiKeyMiddleware, settings=settings)  # added after it, so it runs first: no key, no body read
+    app.add_middleware(CorrelationIdMiddleware)  # outermost: every answer carries X-Request-ID
+    app.include_router(router)
+    app.mount("/mcp", mcp_app)
+    mount_dashboard(app, settings)
+    app.openapi = lambda: openapi_with_api_keys(app)  # type: ignore[method-assign]
+    return app
+
+
+app = create_app(settings_or_exit())
+"""What `uvicorn app:app` serves."""

@@ -59,12 +59,11 @@ def periodic_scheduler(connection: Redis, settings: Settings, jobs: Iterable[cro
 
 
 class SchedulerLoop:
-    def __init__(
-        self, connection: Redis, interval: float, sweep_every: float = 5.0, periodic: CronScheduler | None = None
-    ) -> None:
+    def __init__(self, connection: Redis, settings: Settings, periodic: CronScheduler | None = None) -> None:
+        interval = settings.scheduler_interval_seconds
         self.connection = connection
         self.interval = interval
-        self.sweep_every = sweep_every
+        self.sweep_every = settings.recovery_sweep_seconds
         self.next_sweep = 0.0
         self.delayed = DelayedJobScheduler(connection=connection, interval=interval)
         self.retries = RQScheduler(list(QUEUE_NAMES), connection=connection, interval=max(1, round(interval)))
@@ -132,7 +131,7 @@ def main() -> None:
     setup_logging_from(settings)
     connection = connections.settings_client(settings)
     periodic = periodic_scheduler(connection, settings, cron.PERIODIC_JOBS.values())
-    loop = SchedulerLoop(connection, settings.scheduler_interval_seconds, settings.recovery_sweep_seconds, periodic)
+    loop = SchedulerLoop(connection, settings, periodic)
     signal.signal(signal.SIGTERM, loop.stop)
     signal.signal(signal.SIGINT, loop.stop)
     log.info(

@@ -19,6 +19,7 @@ from rq.job import Job
 
 from herald.exceptions import PermanentError, TemplateError
 from herald.infra import connections, metrics
+from herald.infra.statuses import DeliveryStatus
 from herald.notify import digests, notifications, preferences
 from herald.notify.channels import CHANNELS, Message, email, in_app
 from herald.rq_seam import recovery
@@ -52,16 +53,16 @@ def deliver_notification(delivery_id: str) -> dict[str, str]:
     delivery = notifications.load_delivery(connection, delivery_id)
     if delivery is None:
         raise PermanentError(f"delivery {delivery_id} has no record (expired or deleted)")
-    if delivery["status"] == "canceled":
-        return {"status": "canceled"}
+    if delivery["status"] == DeliveryStatus.CANCELED:
+        return _result(DeliveryStatus.CANCELED)
     if delivery["expires_at"] and datetime.fromisoformat(delivery["expires_at"]) <= datetime.now(UTC):
-        notifications.update(connection, delivery_id, status="expired")
-        _report(connection, "expired", _log_fields(delivery, delivery["attempts"]))
-        return {"status": "expired"}
+        notifications.update(connection, delivery_id, status=DeliveryStatus.EXPIRED)
+        _report(connection, DeliveryStatus.EXPIRED, _log_fields(delivery, delivery["attempts"]))
+        return _result(DeliveryStatus.EXPIRED)
     if reason := _skip_reason(connection, delivery):
-        notifications.update(connection, delivery_id, status="skipped", skip_reason=reason)
-        _report(connection, "skipped", _log_fields(delivery, delivery["attempts"]))
-        return {"status": "skipped"}
+        notifications.update(connection, delivery_id, status=DeliveryStatus.SKIPPED, skip_reason=reason)
+        _report(connection, DeliveryStatus.SKIPPED, _log_fields(delivery, delivery["attempts"]))
+        return _result(DeliveryStatus.SKIPPED)
     return _attempt(job, delivery)
 
 
@@ -73,14 +74,14 @@ def deliver_digest(delivery_id: str) -> dict[str, str]:
     delivery = notifications.load_delivery(job.connection, delivery_id)
     if delivery is None:
         raise PermanentError(f"digest delivery {delivery_id} has no record (expired or deleted)")
-    if delivery["status"] == "canceled":
-        return {"status": "canceled"}
+    if delivery["status"] == DeliveryStatus.CANCELED:
+        return _result(DeliveryStatus.CANCELED)
     try:
         prepared = digests.prepare(job.connection, delivery)
     except TemplateError as exc:  # the digest template was broken after the service started
         error = PermanentError(f"digest not rendered: {exc}")
         _record_failure(job, delivery_id, error)
-        _report(job.connection, "failed", _log_fields(delivery, delivery["attempts"]), error)
+        _report(job.connection, DeliveryStatus.FAILED, _log_fields(delivery, delivery["attempts"]), error)
         raise error from exc
     if isinstance(prepared, str):
         return _settle_empty(job.connection, delivery, prepared)
@@ -89,10 +90,10 @@ def deliver_digest(delivery_id: str) -> dict[str, str]:
 
 def _settle_empty(connection: Redis, delivery: dict[str, Any], status: str) -> dict[str, str]:
     """A digest with no item left to send: every one canceled, expired or opted out."""
-    reason = preferences.OPTED_OUT if status == "skipped" else None
+    reason = preferences.OPTED_OUT if status == DeliveryStatus.SKIPPED else None
     notifications.update(connection, delivery["delivery_id"], status=status, skip_reason=reason)
     _report(connection, status, _log_fields(delivery, delivery["attempts"]))
-    return {"status": status}
+    return _result(status)
 
 
 def _attempt(job: Job, delivery: dict[str, Any]) -> dict[str, str]:
@@ -103,11 +104,16 @@ def _attempt(job: Job, delivery: dict[str, Any]) -> dict[str, str]:
         _deliver_once(job, delivery)
     except Exception as exc:
         retrying = _record_failure(job, delivery_id, exc)
-        _report(connection, "retrying" if retrying else "failed", fields, exc)
+        _report(connection, DeliveryStatus.RETRYING if retrying else DeliveryStatus.FAILED, fields, exc)
         raise
-    notifications.update(connection, delivery_id, status="delivered", delivered_at=notifications.now_iso())
-    _report(connection, "delivered", fields)
-    return {"status": "delivered"}
+    notifications.update(connection, delivery_id, status=DeliveryStatus.DELIVERED, delivered_at=notifications.now_iso())
+    _report(connection, DeliveryStatus.DELIVERED, fields)
+    return _result(DeliveryStatus.DELIVERED)
+
+
+def _result(status: str) -> dict[str, str]:
+    """A delivery job's return value: its status as a plain string (RQ pickles it into the job's result)."""
+    return {"status": str(status)}
 
 
 def _skip_reason(connection: Redis, delivery: dict[str, Any]) -> str | None:
@@ -122,7 +128,7 @@ def _deliver_once(job: Job, delivery: dict[str, Any]) -> None:
     """Deliver, unless an earlier run of this job did and its worker died before recording it."""
     if recovery.sent_marker(job) is None:
         CHANNELS[delivery["channel"]](Message(**delivery["message"]))
-        recovery.mark_sent(job, "delivered")
+        recovery.mark_sent(job, DeliveryStatus.DELIVERED)
 
 
 def _log_fields(delivery: dict[str, Any], attempt: int) -> dict[str, Any]:
@@ -136,12 +142,13 @@ def _log_fields(delivery: dict[str, Any], attempt: int) -> dict[str, Any]:
 
 def _report(connection: Redis, outcome: str, fields: dict[str, Any], exc: Exception | None = None) -> None:
     """One log line and the metrics of a delivery attempt's outcome: delivered, retrying, failed or expired."""
-    if outcome == "retrying":
+    if outcome == DeliveryStatus.RETRYING:
         metrics.delivery_retrying(connection, fields["channel"])
     else:
-        exhausted = outcome == "failed" and not isinstance(exc, PermanentError)
+        exhausted = outcome == DeliveryStatus.FAILED and not isinstance(exc, PermanentError)
         metrics.delivery_settled(connection, fields["channel"], outcome, exhausted)
-    level = {"retrying": logging.WARNING, "failed": logging.ERROR}.get(outcome, logging.INFO)
+    levels: dict[str, int] = {DeliveryStatus.RETRYING: logging.WARNING, DeliveryStatus.FAILED: logging.ERROR}
+    level = levels.get(outcome, logging.INFO)
     error = {"error": f"{type(exc).__name__}: {exc}"} if exc else {}
     log.log(level, "notification delivery %s", outcome, extra={**fields, "outcome": outcome, **error})
 
@@ -154,7 +161,7 @@ def _record_failure(job: Job, delivery_id: str, exc: Exception) -> bool:
     notifications.update(
         job.connection,
         delivery_id,
-        status="retrying" if retrying else "failed",
+        status=DeliveryStatus.RETRYING if retrying else DeliveryStatus.FAILED,
         last_error=f"{type(exc).__name__}: {exc}",
         error_category="permanent" if permanent else "transient",
         next_retry_at=next_retry.isoformat() if next_retry else None,

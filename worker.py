@@ -36,23 +36,22 @@ from herald.infra.logs import setup_logging_from
 from herald.rq_seam.pool import Ending, Pool, asked_to_stop
 from herald.rq_seam.recovery import RecoveringSimpleWorker, RecoveringWorker
 from herald.rq_seam.threaded import ThreadedWorker
-from settings import QUEUE_NAMES, get_settings, settings_or_exit
+from settings import QUEUE_NAMES, Settings, settings_or_exit
 
 log = logging.getLogger("worker")
 RESTART_DELAY_SECONDS = 2
 
 
-def worker_class(platform: str | None = None, kind: str | None = None, threads: int | None = None) -> type[BaseWorker]:
+def worker_class(settings: Settings, platform: str | None = None) -> type[BaseWorker]:
     """`SimpleWorker` on Windows and by default, running WORKER_THREADS jobs at once (`ThreadedWorker`)
     when that is over 1; the forking `Worker` with WORKER_CLASS=fork."""
-    if (platform or sys.platform) == "win32" or (kind or get_settings().worker_class) == "simple":
-        return ThreadedWorker if (threads or get_settings().worker_threads) > 1 else RecoveringSimpleWorker
+    if (platform or sys.platform) == "win32" or settings.worker_class == "simple":
+        return ThreadedWorker if settings.worker_threads > 1 else RecoveringSimpleWorker
     return RecoveringWorker
 
 
-def build_worker(connection: Redis | None = None) -> BaseWorker:
-    settings = get_settings()
-    built = worker_class()(
+def build_worker(settings: Settings, connection: Redis | None = None) -> BaseWorker:
+    built = worker_class(settings)(
         list(QUEUE_NAMES),
         connection=connection or connections.settings_client(settings),
         worker_ttl=settings.worker_ttl_seconds,
@@ -72,7 +71,7 @@ def build_worker(connection: Redis | None = None) -> BaseWorker:
 def _serve_in_pool(burst: bool) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):  # the pool's own handlers, until the worker sets its
         signal.signal(signum, signal.SIG_DFL)
-    sys.exit(int(serve(burst)))
+    sys.exit(int(serve(burst, settings_or_exit())))  # each pool process reads them again
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,14 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     count = args.processes or settings.worker_count
     pool = Pool(list(QUEUE_NAMES), connections.settings_client(settings), num_workers=count, serve=_serve_in_pool)
     gc.freeze()  # what is loaded now stays shared with the processes forked: their GC never writes to it
-    log.info("starting %d %s worker process(es)", count, worker_class().__name__)
+    log.info("starting %d %s worker process(es)", count, worker_class(settings).__name__)
     pool.start(burst=args.burst, logging_level=settings.log_level)
     if args.burst and not pool.drained:
         log.error("burst ended before the queues were empty")
         sys.exit(1)
 
 
-def serve(burst: bool) -> Ending:
+def serve(burst: bool, settings: Settings) -> Ending:
     """Run one worker until it is asked to stop, has run its share of jobs, or (burst) has found the
     queues empty; how it ended.
 
@@ -101,7 +100,7 @@ def serve(burst: bool) -> Ending:
     A burst worker is not: its process ends `UNAVAILABLE`.
     """
     while True:
-        worker = _run_worker(burst)
+        worker = _run_worker(burst, settings)
         ending = _ending(worker)
         if ending is not None:
             return ending
@@ -113,11 +112,11 @@ def serve(burst: bool) -> Ending:
         log.warning("worker quit without being asked to; starting it again")
 
 
-def _run_worker(burst: bool) -> BaseWorker | None:
+def _run_worker(burst: bool, settings: Settings) -> BaseWorker | None:
     """A worker, once it has stopped working; None if it could not be made (Redis unavailable)."""
     worker = None
     try:
-        worker = build_worker()
+        worker = build_worker(settings)
         worker.work(burst=burst, with_scheduler=True)
     except (RedisConnectionError, RedisTimeoutError) as exc:
         log.warning("redis unavailable (%s)", type(exc).__name__)

@@ -19,12 +19,17 @@ from pydantic import (
     model_validator,
 )
 
+from herald.infra.patterns import (
+    ID_PATTERN,
+    TEMPLATE_NAME_PATTERN,
+    TOPIC_PATTERN,
+    WALL_CLOCK_TIME_PATTERN,
+)
+from herald.infra.statuses import DeliveryStatus
 from herald.notify import quiet_hours
 from settings import get_settings
 
 Priority = Literal["high", "default", "low"]
-JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-"""RQ's own ids (uuid4 hex) and rq-scheduler's (uuid4 with dashes) both match."""
 
 
 def _single_line(value: str) -> str:
@@ -209,16 +214,10 @@ class Problem(BaseModel):
 
 ChannelName = Literal["email", "webhook", "in_app"]
 NotificationPriority = Literal["urgent", "high", "normal", "low"]
-DeliveryStatus = Literal[
-    "pending", "scheduled", "sending", "delivered", "retrying", "failed", "expired", "canceled", "skipped", "digested"
-]
 SkipReason = Literal["opted_out"]
-ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
-"""User ids, entity ids and correlation ids: plain tokens, safe in Redis keys and log lines."""
 QUEUE_OF_PRIORITY: dict[str, Priority] = {"urgent": "high", "high": "high", "normal": "default", "low": "low"}
 
 Token = Annotated[str, Field(pattern=ID_PATTERN)]
-TOPIC_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 Topic = Annotated[str, Field(pattern=TOPIC_PATTERN, examples=["marketing"])]
 """What a notification is about (`general`, `marketing`, `security`): users opt out per topic and channel."""
 DigestKey = Annotated[str, Field(pattern=TOPIC_PATTERN, examples=["daily-orders"])]
@@ -230,7 +229,7 @@ class NotificationRequest(StrictModel, Schedule):
     channels: list[ChannelName] = Field(min_length=1, max_length=3)
     title: HeaderText | None = None
     body: str | None = Field(None, max_length=100_000)
-    template: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+    template: str | None = Field(None, pattern=TEMPLATE_NAME_PATTERN)
     context: dict[str, JsonValue] = Field(default_factory=dict)
     priority: NotificationPriority = "normal"
     expires_at: AwareDatetime | None = None
@@ -362,7 +361,7 @@ class DigestView(BaseModel):
     delivery: DeliveryView
 
 
-WallClockTime = Annotated[str, Field(pattern=r"^([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?$", examples=["22:00"])]
+WallClockTime = Annotated[str, Field(pattern=WALL_CLOCK_TIME_PATTERN, examples=["22:00"])]
 """`HH:MM`, or `HH:MM:SS`, on a 24-hour clock."""
 
 

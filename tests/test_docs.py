@@ -12,13 +12,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from redis import Redis
 from rq import Queue
 
-from settings import get_settings
+from settings import Settings
 from tests import test_dashboard
 from tests.cdp import Browser
+from tests.conftest import MakeClient
 from tests.helpers import start_process, stop_process, wait_until
 
 API_KEY = "docs-test-key"
@@ -97,9 +98,8 @@ def _assert_only_the_service_was_asked(browser: Browser, api_url: str) -> None:
     assert not elsewhere, f"the page asked outside the service: {elsewhere}"
 
 
-def test_docs_and_their_assets_need_no_key(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("API_KEYS", API_KEY)
-    get_settings.cache_clear()
+def test_docs_and_their_assets_need_no_key(make_client: MakeClient) -> None:
+    client = make_client(Settings(api_keys=[SecretStr(API_KEY)]))
     pages = {path: client.get(path) for path in ("/docs", "/redoc")}
     assert all(page.status_code == 200 for page in pages.values())
     assets = {src for page in pages.values() for src in _local_assets(page.text)}

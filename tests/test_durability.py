@@ -55,7 +55,7 @@ def test_a_sigkilled_embedded_redis_keeps_every_accepted_job(
         config = connection.config_get("appendonly", "appendfsync", "maxmemory-policy")
     assert config == {"appendonly": "yes", "appendfsync": "everysec", "maxmemory-policy": "noeviction"}
 
-    with TestClient(__import__("app").app) as client:
+    with TestClient(__import__("app").create_app(settings)) as client:
         accepted = [client.post("/send-email", json={**EMAIL, "subject": f"n{n}"}) for n in range(20)]
     assert [answer.status_code for answer in accepted] == [202] * 20
     ids = [answer.json()["job_id"] for answer in accepted]
@@ -64,7 +64,7 @@ def test_a_sigkilled_embedded_redis_keeps_every_accepted_job(
     embedded[0].wait()
 
     embedded.append(serve.start_embedded_redis(settings.redis_url, settings, tmp_path))
-    with TestClient(__import__("app").app) as client:
+    with TestClient(__import__("app").create_app(settings)) as client:
         assert [client.get(f"/job/{job_id}").json().get("status") for job_id in ids] == ["queued"] * 20
     with Redis.from_url(settings.redis_url) as connection:
         assert Queue("default", connection=connection).job_ids == ids

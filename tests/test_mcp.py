@@ -19,8 +19,9 @@ from fastmcp.exceptions import ToolError
 from redis import Redis
 
 from herald.api import mcp_server
+from herald.infra.patterns import JOB_ID_PATTERN
 from herald.mailsink import MailSink, free_port
-from herald.schemas import JOB_ID_PATTERN, JobAccepted, JobPage, JobView, NotificationAccepted
+from herald.schemas import JobAccepted, JobPage, JobView, NotificationAccepted
 from tests.conftest import StartProcess, _reset_caches
 from tests.helpers import wait_for_http, wait_until
 

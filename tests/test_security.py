@@ -34,6 +34,7 @@ from herald.infra import connections, metrics_hooks
 from herald.jobs import queues
 from herald.mailsink import free_port
 from settings import DEFAULT_UNSUBSCRIBE_SECRET, DEFAULT_WEBHOOK_SECRET, Settings, get_settings
+from tests.conftest import MakeClient
 from tests.helpers import start_process, stop_process, wait_for_http, wait_until
 
 EMAIL = {"to": "ann@example.com", "subject": "Hi", "body": "Welcome"}
@@ -53,10 +54,10 @@ def written(redis: Redis) -> set[bytes]:
 
 
 @pytest.fixture
-def keyed(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> TestClient:
+def keyed(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> TestClient:
     """The API with two keys set, comma-separated as in an env file (blank entries are dropped)."""
     use_settings(monkeypatch, API_KEYS=f" {KEYS[0]}, ,{KEYS[1]} ")
-    return client
+    return make_client(get_settings())
 
 
 # API keys
@@ -116,7 +117,7 @@ def test_probes_metrics_and_docs_need_no_key(keyed: TestClient) -> None:
 def test_the_dashboard_keeps_its_own_basic_auth(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> None:
     use_settings(monkeypatch, API_KEYS=KEYS[0], DASHBOARD_PASSWORD="dash-pass")
     app = FastAPI()
-    app.add_middleware(ApiKeyMiddleware)
+    app.add_middleware(ApiKeyMiddleware, settings=get_settings())
     mount_dashboard(app, get_settings())
     with TestClient(app) as dashboard:
         refused = dashboard.get("/rq/0/data/queues.json")
@@ -162,10 +163,8 @@ def test_a_body_over_the_limit_is_413_by_content_length(client: TestClient, redi
     assert written(redis) == set()
 
 
-def test_a_chunked_body_is_counted_as_it_arrives(
-    client: TestClient, redis: Redis, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    use_settings(monkeypatch, MAX_BODY_BYTES="200")
+def test_a_chunked_body_is_counted_as_it_arrives(make_client: MakeClient, redis: Redis) -> None:
+    client = make_client(Settings(max_body_bytes=200))
 
     def chunked(body: dict[str, Any]) -> Iterator[bytes]:  # a generator: no Content-Length, sent chunked
         data = json.dumps(body).encode()
@@ -202,7 +201,7 @@ def run_body_limit(chunks: list[bytes]) -> tuple[list[Message], int, bytes | Non
         app_read.append(body)
 
     scope = {"type": "http", "method": "POST", "path": "/jobs", "headers": []}
-    asyncio.run(BodyLimitMiddleware(app)(scope, receive, send))
+    asyncio.run(BodyLimitMiddleware(app, get_settings())(scope, receive, send))
     return sent, receives, app_read[0] if app_read else None
 
 
@@ -331,7 +330,7 @@ def test_a_password_in_redis_url_works_for_api_worker_scheduler_rq_and_dashboard
     without_password = f"redis://127.0.0.1:{password_redis}/0"
     with pytest.raises(AuthenticationError), Redis.from_url(without_password) as anonymous:
         anonymous.ping()
-    with TestClient(__import__("app").app, raise_server_exceptions=False) as api:
+    with TestClient(__import__("app").create_app(get_settings()), raise_server_exceptions=False) as api:
         now = api.post("/jobs", json={"task": "noop"}).json()["job_id"]
         later = api.post("/jobs", json={"task": "noop", "delay_seconds": 0.2}).json()["job_id"]
 
@@ -476,16 +475,16 @@ def test_run_command_refuses_production_without_keys_and_names_local_mode(
 # API_KEY: one key, as most services name it, next to API_KEYS
 
 
-def test_a_single_api_key_guards_the_api(client: TestClient, monkeypatch: pytest.MonkeyPatch, redis: Redis) -> None:
+def test_a_single_api_key_guards_the_api(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
     use_settings(monkeypatch, API_KEY=" solo-key ")
+    client = make_client(get_settings())
     assert client.post("/send-email", json=EMAIL).status_code == 401
     assert client.post("/send-email", json=EMAIL, headers={"X-API-Key": "solo-key"}).status_code == 202
 
 
-def test_api_key_and_api_keys_together_accept_each(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch, redis: Redis
-) -> None:
+def test_api_key_and_api_keys_together_accept_each(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
     use_settings(monkeypatch, API_KEY="solo-key", API_KEYS=",".join(KEYS))
+    client = make_client(get_settings())
     for key in ("solo-key", *KEYS):
         assert client.get("/jobs/failed", headers={"Authorization": f"Bearer {key}"}).status_code == 200, key
     assert client.get("/jobs/failed", headers={"X-API-Key": "other"}).status_code == 401

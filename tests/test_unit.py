@@ -147,6 +147,6 @@ def test_smtp_unreachable_is_retried_and_no_smtp_host_fails_at_once(
 
 
 def test_worker_class_is_simple_on_windows_and_by_default_and_forking_on_request() -> None:
-    assert issubclass(worker.worker_class("win32", "fork"), SimpleWorker)
-    assert issubclass(worker.worker_class("linux", "simple"), SimpleWorker)
-    assert issubclass(worker.worker_class("linux", "fork"), Worker)
+    assert issubclass(worker.worker_class(Settings(worker_class="fork"), "win32"), SimpleWorker)
+    assert issubclass(worker.worker_class(Settings(worker_class="simple"), "linux"), SimpleWorker)
+    assert issubclass(worker.worker_class(Settings(worker_class="fork"), "linux"), Worker)

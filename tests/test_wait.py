@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from redis import Redis
 
 from herald import mailsink
+from settings import get_settings
 from tests.conftest import _reset_caches
 from tests.replication import ReplicaSet
 
@@ -45,7 +46,7 @@ def app_waiting_for(
         monkeypatch.setenv(name, value)
     _reset_caches()
     try:
-        with TestClient(__import__("app").app, raise_server_exceptions=False) as client:
+        with TestClient(__import__("app").create_app(get_settings()), raise_server_exceptions=False) as client:
             yield client
     finally:
         with Redis.from_url(nodes.direct_url) as primary:

@@ -11,7 +11,7 @@ from rq import SimpleWorker, Worker
 from rq.worker import BaseWorker
 
 import worker
-from settings import get_settings
+from settings import Settings
 
 CASES: list[tuple[str, str, type[BaseWorker]]] = [("win32", "fork", SimpleWorker), ("win32", "simple", SimpleWorker)]
 CASES += [("linux", "simple", SimpleWorker), ("linux", "fork", Worker)]
@@ -22,8 +22,5 @@ def test_build_worker_picks_the_worker_class_for_the_platform_and_setting(
     monkeypatch: pytest.MonkeyPatch, platform: str, kind: str, expected: type[BaseWorker]
 ) -> None:
     monkeypatch.setattr(sys, "platform", platform)
-    monkeypatch.setenv("WORKER_CLASS", kind)
-    get_settings.cache_clear()
-    built = worker.build_worker(connection=fakeredis.FakeRedis())
-    get_settings.cache_clear()
+    built = worker.build_worker(Settings(worker_class=kind), connection=fakeredis.FakeRedis())
     assert isinstance(built, expected)

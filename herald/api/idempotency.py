@@ -16,7 +16,6 @@ from herald.exceptions import IdempotencyConflict
 from herald.infra import keys
 
 TTL_SECONDS = 24 * 3600
-KEY_PATTERN = r"^[A-Za-z0-9_.:-]{1,255}$"
 
 
 def body_hash(body: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from herald.infra import connections
+from herald.infra.patterns import ID_PATTERN
 from herald.notify.channels import in_app
 from herald.schemas import Problem
 
@@ -24,7 +25,7 @@ log = logging.getLogger("inbox")
 
 router = APIRouter(tags=["inbox"])
 
-UserId = Annotated[str, Path(pattern=in_app.USER_ID_PATTERN, description="The user whose inbox it is.")]
+UserId = Annotated[str, Path(pattern=ID_PATTERN, description="The user whose inbox it is.")]
 NotificationId = Annotated[str, Path(min_length=1, max_length=128)]
 
 

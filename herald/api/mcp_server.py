@@ -23,10 +23,10 @@ from redis.exceptions import OutOfMemoryError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from herald.exceptions import ServiceError
+from herald.infra.patterns import JOB_ID_PATTERN
 from herald.jobs import queues
 from herald.notify import dispatch
 from herald.schemas import (
-    JOB_ID_PATTERN,
     JobAccepted,
     JobPage,
     JobRequest,

@@ -1,7 +1,7 @@
 """Pure ASGI middleware at the edge of the API: API keys, and a limit on the size of request bodies.
 
-Both read the settings on every request, so a test (or an operator's reload) that changes them and
-clears `get_settings` is obeyed at once.
+Both take the settings of the app they guard (`create_app`); a test that needs other keys or another
+limit builds its own app with its own settings.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from herald.api.dashboard import DASHBOARD_PATH
-from settings import get_settings
+from settings import Settings
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 """Served without an API key: probes, metrics and the API docs (which hold no data)."""
@@ -70,8 +70,9 @@ class ApiKeyMiddleware:
     code reaches a browser only after the handshake).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
+        self.keys = settings.api_keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.allowed(scope):
@@ -85,12 +86,10 @@ class ApiKeyMiddleware:
             response = JSONResponse({"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
             await response(scope, receive, send)
 
-    @staticmethod
-    def allowed(scope: Scope) -> bool:
+    def allowed(self, scope: Scope) -> bool:
         if scope["type"] not in ("http", "websocket") or is_open(route_path(scope)):
             return True
-        keys = get_settings().api_keys
-        return not keys or key_matches(presented_key(scope), keys)
+        return not self.keys or key_matches(presented_key(scope), self.keys)
 
 
 class BodyLimitMiddleware:
@@ -101,14 +100,15 @@ class BodyLimitMiddleware:
     the limit. A body within the limit is handed on to the app unchanged.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
+        self.limit = settings.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = get_settings().max_body_bytes
+        limit = self.limit
         declared = Headers(scope=scope).get("content-length", "")
         body = None if declared.isdigit() and int(declared) > limit else await _read_body(receive, limit)
         if body is None:

@@ -20,6 +20,8 @@ from redis import Redis
 from rq.cron import CronScheduler, get_cron_job_ids
 from rq.job import Job
 
+from herald.infra.patterns import PERIODIC_JOB_NAME_PATTERN
+from herald.infra.statuses import JobState
 from herald.jobs import queues
 from herald.rq_seam.schedulers import last_interval_run as last_interval_run
 from herald.rq_seam.schedulers import latest_due as latest_due
@@ -27,7 +29,7 @@ from herald.rq_seam.schedulers import next_run_after as next_run_after
 from herald.schemas import PeriodicJobList, PeriodicJobView, PeriodicRun, Priority
 from tasks import TASKS
 
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+NAME_PATTERN = re.compile(PERIODIC_JOB_NAME_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def _last_run(connection: Redis, name: str) -> PeriodicRun | None:
         return None
     job = Job.fetch_many(job_ids, connection=connection)[0]
     if job is None:
-        return PeriodicRun(job_id=job_ids[0], status="expired")
+        return PeriodicRun(job_id=job_ids[0], status=JobState.EXPIRED.value)
     run_at = job.meta.get("run_at")
     return PeriodicRun(
         job_id=job.id,

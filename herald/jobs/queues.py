@@ -36,6 +36,7 @@ from herald.exceptions import (
     UnknownTaskError,
 )
 from herald.infra import connections, keys, metrics, metrics_hooks
+from herald.infra.statuses import JobState
 from herald.rq_seam import enqueue, limits, replay
 from herald.schemas import JobAccepted, JobError, JobView, Priority
 from settings import QUEUE_NAMES, Settings, get_settings
@@ -459,12 +460,12 @@ def scheduled_for(job: Job) -> datetime | None:
     return datetime.fromtimestamp(score, UTC) if score is not None else None
 
 
-def status_name(job: Job, default: str = "unknown") -> str:
+def status_name(job: Job, default: str = JobState.UNKNOWN) -> str:
     """RQ's status, but `waiting` for a parked job that waits for `complete_job` (RQ calls it deferred)."""
     status = job.get_status(refresh=False)
     if status == JobStatus.DEFERRED and waits(job):
-        return "waiting"
-    return status.value if status else default
+        return JobState.WAITING.value
+    return status.value if status else str(default)
 
 
 def job_accepted(job: Job) -> JobAccepted:
@@ -472,7 +473,7 @@ def job_accepted(job: Job) -> JobAccepted:
     status = job.get_status(refresh=False)
     return JobAccepted(
         job_id=job.id,
-        status=status_name(job, default="queued"),
+        status=status_name(job, default=JobStatus.QUEUED),
         queue=job.origin,
         status_url=f"/job/{job.id}",
         scheduled_for=scheduled_for(job) if status == JobStatus.SCHEDULED else None,

@@ -34,6 +34,7 @@ from redis.exceptions import WatchError
 
 from herald.exceptions import ServiceError
 from herald.infra import keys, metrics
+from herald.infra.statuses import DeliveryStatus
 from herald.notify import notifications, preferences, rendering
 from herald.notify.channels.base import Message
 from herald.schemas import DigestView, Preferences
@@ -95,7 +96,7 @@ def add(
     """Let each delivery not skipped join its channel's open digest, or open one due at `due`, and
     write the notification's records (`write_records`, after the deliveries are marked `digested`),
     all in one transaction."""
-    joining = [delivery for delivery in deliveries if delivery["status"] != "skipped"]
+    joining = [delivery for delivery in deliveries if delivery["status"] != DeliveryStatus.SKIPPED]
     with connection.pipeline() as pipeline:
         for _ in range(MAX_TRIES):
             try:
@@ -164,7 +165,7 @@ def _delivery_record(digest_id: str, opening: dict[str, Any], due: datetime) -> 
     now = notifications.now_iso()
     return {
         **{field: opening[field] for field in ("channel", "max_attempts")},
-        **{"delivery_id": digest_id, "notification_id": None, "job_id": digest_id, "status": "scheduled"},
+        **{"delivery_id": digest_id, "notification_id": None, "job_id": digest_id, "status": DeliveryStatus.SCHEDULED},
         **{"attempts": 0, "expires_at": None, "skip_reason": None, "scheduled_for": due.isoformat()},
         **{"created_at": now, "updated_at": now, "message": message},
     }
@@ -174,7 +175,7 @@ def _join(pipeline: Pipeline, digest: tuple[str, str], delivery: dict[str, Any])
     digest_id, ends = digest
     pipeline.rpush(items_key(digest_id), json.dumps(_item(delivery)))
     pipeline.expire(items_key(digest_id), notifications.RECORD_TTL_SECONDS)
-    delivery.update(status="digested", digest_delivery_id=digest_id, job_id=digest_id, scheduled_for=ends)
+    delivery.update(status=DeliveryStatus.DIGESTED, digest_delivery_id=digest_id, job_id=digest_id, scheduled_for=ends)
 
 
 def _item(delivery: dict[str, Any]) -> dict[str, Any]:
@@ -192,7 +193,7 @@ def cancel_item(connection: Redis, delivery: dict[str, Any]) -> bool:
             if json.loads(pipeline.hget(key, "status") or "null") != "open":
                 return False
             pipeline.multi()
-            changes = {"status": "canceled", "updated_at": notifications.now_iso()}
+            changes = {"status": DeliveryStatus.CANCELED, "updated_at": notifications.now_iso()}
             pipeline.hset(notifications.delivery_key(delivery["delivery_id"]), mapping=notifications.encode(changes))
             pipeline.execute()
         except WatchError:  # only a close changes the digest's record
@@ -208,15 +209,19 @@ def prepare(connection: Redis, delivery: dict[str, Any]) -> dict[str, Any] | str
     digest and keeps the message for retries); or the status to settle with when no item is left."""
     digest = _load(connection, delivery["delivery_id"])
     if digest is None:
-        return "expired"  # its records outlived their TTL
+        return DeliveryStatus.EXPIRED  # its records outlived their TTL
     if digest.get("sent_notification_ids") is None:
         return _close_and_make(connection, delivery, digest)
     return delivery if digest["sent_notification_ids"] else _settled_as(delivery)
 
 
+SETTLED_EMPTY = frozenset({DeliveryStatus.SKIPPED, DeliveryStatus.EXPIRED, DeliveryStatus.CANCELED})
+"""What an empty digest can have settled as."""
+
+
 def _settled_as(delivery: dict[str, Any]) -> str:
     """The status of an empty digest run again (its worker died after closing it)."""
-    return delivery["status"] if delivery["status"] in {"skipped", "expired", "canceled"} else "canceled"
+    return delivery["status"] if delivery["status"] in SETTLED_EMPTY else DeliveryStatus.CANCELED
 
 
 def _close_and_make(connection: Redis, delivery: dict[str, Any], digest: dict[str, Any]) -> dict[str, Any] | str:
@@ -225,7 +230,7 @@ def _close_and_make(connection: Redis, delivery: dict[str, Any], digest: dict[st
     made = {**delivery, "message": asdict(make_message(delivery, digest, sent))} if sent else None
     with connection.pipeline() as pipeline:
         for item, status in left_out:
-            reason = preferences.OPTED_OUT if status == "skipped" else None
+            reason = preferences.OPTED_OUT if status == DeliveryStatus.SKIPPED else None
             changes = {"status": status, "skip_reason": reason, "updated_at": notifications.now_iso()}
             pipeline.hset(notifications.delivery_key(item["delivery_id"]), mapping=notifications.encode(changes))
         sent_ids = [item["notification_id"] for item in sent]
@@ -260,20 +265,23 @@ def select(
         for item in items:
             pipeline.hget(notifications.delivery_key(item["delivery_id"]), "status")
         statuses = [json.loads(raw or "null") for raw in pipeline.execute()]
-    waiting = [item for item, status in zip(items, statuses, strict=True) if status == "digested"]
+    waiting = [item for item, status in zip(items, statuses, strict=True) if status == DeliveryStatus.DIGESTED]
     outcomes = [(item, _left_out_as(item, wishes, digest["channel"], now)) for item in waiting]
     return [item for item, outcome in outcomes if outcome is None], [(i, o) for i, o in outcomes if o is not None]
 
 
 def _left_out_as(item: dict[str, Any], wishes: Preferences, channel: Any, now: datetime) -> str | None:
     if item["expires_at"] and datetime.fromisoformat(item["expires_at"]) <= now:
-        return "expired"
-    return "skipped" if preferences.skip_reason(wishes, item["topic"], channel, item["required"]) else None
+        return DeliveryStatus.EXPIRED
+    return DeliveryStatus.SKIPPED if preferences.skip_reason(wishes, item["topic"], channel, item["required"]) else None
 
 
 def _empty_outcome(left_out: list[str]) -> str:
     """A digest with nothing left to send: skipped if any item was opted out, else expired or canceled."""
-    return next((status for status in ("skipped", "expired") if status in left_out), "canceled")
+    return next(
+        (status for status in (DeliveryStatus.SKIPPED, DeliveryStatus.EXPIRED) if status in left_out),
+        DeliveryStatus.CANCELED,
+    )
 
 
 def _count(
@@ -281,7 +289,7 @@ def _count(
 ) -> None:
     """Each item settles once, when its digest closes: `digested`, or as it was left out."""
     for _ in sent:
-        metrics.delivery_settled(connection, channel, "digested")
+        metrics.delivery_settled(connection, channel, DeliveryStatus.DIGESTED)
     for _, status in left_out:
         metrics.delivery_settled(connection, channel, status)
 

@@ -15,6 +15,7 @@ from typing import Any
 import tasks
 from herald.exceptions import JobNotFoundError, JobStateError, TargetError
 from herald.infra import metrics
+from herald.infra.statuses import OPEN_DELIVERY_STATUSES, DeliveryStatus
 from herald.jobs import queues
 from herald.notify import digests, notifications, preferences, rendering
 from herald.notify import unsubscribe as unsubscribe_links
@@ -140,8 +141,8 @@ def _delivery_record(
     message: Message, channel: str, attempts: int, record: dict[str, Any], skipped: str | None
 ) -> dict[str, Any]:
     due = record["scheduled_for"]
-    status = "skipped" if skipped else "scheduled" if due else "pending"
-    scheduled_for = due if status == "scheduled" else None
+    status = DeliveryStatus.SKIPPED if skipped else DeliveryStatus.SCHEDULED if due else DeliveryStatus.PENDING
+    scheduled_for = due if status == DeliveryStatus.SCHEDULED else None
     return notifications.new_delivery(message, channel, attempts, status, record["expires_at"], scheduled_for, skipped)
 
 
@@ -149,8 +150,8 @@ def _count(pipeline: Any, deliveries: list[dict[str, Any]]) -> None:
     """Every delivery is created; a skipped one is settled at once."""
     for delivery in deliveries:
         metrics.NOTIFICATIONS_CREATED.inc(pipeline, delivery["channel"])
-        if delivery["status"] == "skipped":
-            metrics.NOTIFICATIONS_DELIVERED.inc(pipeline, delivery["channel"], "skipped")
+        if delivery["status"] == DeliveryStatus.SKIPPED:
+            metrics.NOTIFICATIONS_DELIVERED.inc(pipeline, delivery["channel"], DeliveryStatus.SKIPPED)
 
 
 def _delivery_job(
@@ -249,17 +250,17 @@ def cancel_notification(notification_id: str) -> NotificationView | None:
         return None
     for delivery in found[1]:
         if _cancel_delivery(connection, delivery):
-            metrics.delivery_settled(connection, delivery["channel"], "canceled")
+            metrics.delivery_settled(connection, delivery["channel"], DeliveryStatus.CANCELED)
     return get_notification(notification_id)
 
 
 def _cancel_delivery(connection: Any, delivery: dict[str, Any]) -> bool:
     """Cancel one delivery if it is still open; a digested one leaves its digest, until that closes."""
-    if delivery["status"] == "digested":
+    if delivery["status"] == DeliveryStatus.DIGESTED:
         return digests.cancel_item(connection, delivery)
-    if delivery["status"] not in notifications.OPEN_STATUSES:
+    if delivery["status"] not in OPEN_DELIVERY_STATUSES:
         return False
-    notifications.update(connection, delivery["delivery_id"], status="canceled")
+    notifications.update(connection, delivery["delivery_id"], status=DeliveryStatus.CANCELED)
     # A job that started meanwhile sees `canceled` if it runs again; one that expired is gone.
     with suppress(JobStateError, JobNotFoundError):
         queues.cancel_job(delivery["job_id"])
@@ -278,11 +279,13 @@ def retry_delivery(notification_id: str, channel: str) -> NotificationView | Non
     if found is None:
         return None
     delivery = next((d for d in found[1] if d["channel"] == channel), None)
-    if delivery is None or delivery["status"] != "failed":
+    if delivery is None or delivery["status"] != DeliveryStatus.FAILED:
         state = delivery["status"] if delivery else "not part of this notification"
         raise JobStateError(f"the {channel} delivery is {state}; only a failed delivery can be retried")
     queues.requeue_job(delivery["job_id"])
-    notifications.update(connection, delivery["delivery_id"], status="pending", attempts=0, next_retry_at=None)
+    notifications.update(
+        connection, delivery["delivery_id"], status=DeliveryStatus.PENDING, attempts=0, next_retry_at=None
+    )
     return get_notification(notification_id)
 
 

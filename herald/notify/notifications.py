@@ -17,12 +17,11 @@ from redis.client import Pipeline
 from redis.typing import EncodableT
 
 from herald.infra import keys
+from herald.infra.statuses import DeliveryStatus
 from herald.notify.channels.base import Message
 from herald.schemas import DeliveryView, NotificationView
 
 RECORD_TTL_SECONDS = 30 * 86_400
-OPEN_STATUSES = {"pending", "scheduled", "retrying"}
-"""Deliveries that can still be canceled: not sending, not settled."""
 
 
 def new_id() -> str:
@@ -106,7 +105,9 @@ def update(connection: Redis, delivery_id: str, **fields: Any) -> None:
 def start_attempt(connection: Redis, delivery_id: str) -> int:
     with connection.pipeline() as pipeline:
         pipeline.hincrby(delivery_key(delivery_id), "attempts", 1)
-        pipeline.hset(delivery_key(delivery_id), mapping=encode({"status": "sending", "updated_at": now_iso()}))
+        pipeline.hset(
+            delivery_key(delivery_id), mapping=encode({"status": DeliveryStatus.SENDING, "updated_at": now_iso()})
+        )
         attempts, _ = pipeline.execute()
     return int(attempts)
 

@@ -25,9 +25,10 @@ from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
 from herald.exceptions import TemplateError
+from herald.infra.patterns import TEMPLATE_NAME_PATTERN
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+NAME_PATTERN = re.compile(TEMPLATE_NAME_PATTERN)
 MAX_PART_BYTES = 100_000
 """Upper bound of each rendered part, in UTF-8 bytes (the same bound as an email body)."""
 REQUIRED_PARTS = ("title.txt", "body.txt")

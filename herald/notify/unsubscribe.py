@@ -17,12 +17,12 @@ import re
 from html import escape
 from typing import NamedTuple, get_args
 
-from herald.schemas import ID_PATTERN, TOPIC_PATTERN, ChannelName
+from herald.infra.patterns import ID_PATTERN, TOPIC_PATTERN, UNSUBSCRIBE_TOKEN_PATTERN
+from herald.schemas import ChannelName
 from settings import Settings
 
 CHANNELS = get_args(ChannelName)
-TOKEN_PATTERN = r"^[A-Za-z0-9_-]{1,700}\.[A-Za-z0-9_-]{43}$"
-_TOKEN = re.compile(TOKEN_PATTERN)
+_TOKEN = re.compile(UNSUBSCRIBE_TOKEN_PATTERN)
 _PURPOSE = b"unsubscribe.v1."
 """Signed before the payload, so that this key's MACs mean "unsubscribe" and nothing else."""
 

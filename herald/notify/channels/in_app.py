@@ -22,11 +22,11 @@ from redis.exceptions import RedisError
 
 from herald.exceptions import PermanentError, TransientError
 from herald.infra import connections, keys
+from herald.infra.patterns import ID_PATTERN
 from herald.notify.channels.base import Message
 from settings import get_settings
 
-USER_ID_PATTERN = r"^[A-Za-z0-9_.@-]{1,128}$"
-_USER_ID = re.compile(USER_ID_PATTERN)
+_USER_ID = re.compile(ID_PATTERN)
 
 # KEYS: ids, unread, items, seq. ARGV: id, stored JSON, inbox size, channel, published JSON.
 # Returns 1 when stored (and published), 0 when the id was already there (a retried delivery).
