@@ -51,14 +51,14 @@ class Browser:
             self.socket: ClientConnection = self._stack.enter_context(
                 connect(f"ws://127.0.0.1:{port}{path}", max_size=None)
             )
-        except BaseException:
-            stop_process(self.process)
+            self.ids = itertools.count(1)
+            self.requested: list[str] = []
+            target = self.call("Target.createTarget", url="about:blank")["targetId"]
+            self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+            self.call("Network.enable", session=self.session)
+        except BaseException:  # nothing left running when the page cannot be set up
+            self.close()
             raise
-        self.ids = itertools.count(1)
-        self.requested: list[str] = []
-        target = self.call("Target.createTarget", url="about:blank")["targetId"]
-        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-        self.call("Network.enable", session=self.session)
 
     def call(self, method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
         """Send one command and wait for its answer; events that come meanwhile are noted."""
