@@ -89,9 +89,13 @@ different="$work/different.txt"  # a copy: the tests' /tmp is not the caller's
 cp "${RQ_UPSTREAM_DIFFERENT:-$root/scripts/rq_upstream/different.txt}" "$different"
 
 cd "$suite"
+private_tmp=(unshare --mount --propagation private sh -c 'mount -t tmpfs rq-upstream-tmp /tmp && exec "$@"' sh)
+case "$(realpath "$root")/" in
+  /tmp/*) private_tmp=()  # a private /tmp would hide the project (and its .venv) from the tests
+    echo "note: the project is under /tmp, so RQ's tests share this machine's /tmp" ;;
+esac
 upstream_tests() {  # in the namespace, with a private /tmp too: RQ's tests write fixed names there
-  ip netns exec "$ns" unshare --mount --propagation private \
-    sh -c 'mount -t tmpfs rq-upstream-tmp /tmp && exec "$@"' sh env \
+  ip netns exec "$ns" "${private_tmp[@]}" env \
     PYTHONPATH="$suite:$root/scripts:$root" RQ_UPSTREAM_DIFFERENT="$different" RUN_SLOW_TESTS_TOO=1 \
     python -m pytest -c pyproject.toml --rootdir . -o cache_dir="$work/cache" -p rq_upstream.plugin \
     --timeout 120 -ra --disable-warnings "$root/scripts/rq_upstream/canary.py" "${MODULES[@]}" "$@"
