@@ -75,7 +75,7 @@ class Settings(BaseSettings):
         " WORKER_COUNT x WORKER_THREADS; the default covers SMTP_CONCURRENCY + 4 webhook hosts x"
         " WEBHOOK_HOST_CONCURRENCY; 1: one job at a time",
     )
-    worker_max_jobs: int = Field(1000, ge=1, description="a simple worker process is replaced after this many jobs")
+    worker_max_jobs: int = Field(100_000, ge=1, description="a simple worker process is replaced after this many jobs")
     worker_max_memory_mib: int = Field(512, ge=16, description="... or once its resident memory exceeds this")
     api_workers: int = Field(2, ge=1, description="uvicorn worker processes of the API (one per core)")
     worker_ttl_seconds: int = Field(20, ge=2, description="worker heartbeat TTL; idle workers poll for it")

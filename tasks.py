@@ -101,12 +101,17 @@ def _attempt(job: Job, delivery: dict[str, Any]) -> dict[str, str]:
     connection, delivery_id = job.connection, delivery["delivery_id"]
     fields = _log_fields(delivery, notifications.start_attempt(connection, delivery_id))
     try:
-        _deliver_once(job, delivery)
+        sent_now = _deliver_once(job, delivery)
     except Exception as exc:
         retrying = _record_failure(job, delivery_id, exc)
         _report(connection, DeliveryStatus.RETRYING if retrying else DeliveryStatus.FAILED, fields, exc)
         raise
-    notifications.update(connection, delivery_id, status=DeliveryStatus.DELIVERED, delivered_at=notifications.now_iso())
+    with connection.pipeline(transaction=False) as pipeline:  # one round trip for what follows a send
+        if sent_now:
+            recovery.mark_sent(job, DeliveryStatus.DELIVERED, pipeline)
+        delivered_at = notifications.now_iso()
+        notifications.update(pipeline, delivery_id, status=DeliveryStatus.DELIVERED, delivered_at=delivered_at)
+        pipeline.execute()
     _report(connection, DeliveryStatus.DELIVERED, fields)
     return _result(DeliveryStatus.DELIVERED)
 
@@ -124,11 +129,13 @@ def _skip_reason(connection: Redis, delivery: dict[str, Any]) -> str | None:
     return preferences.check(connection, message["user_id"], topic, delivery["channel"], required)
 
 
-def _deliver_once(job: Job, delivery: dict[str, Any]) -> None:
-    """Deliver, unless an earlier run of this job did and its worker died before recording it."""
-    if recovery.sent_marker(job) is None:
-        CHANNELS[delivery["channel"]](Message(**delivery["message"]))
-        recovery.mark_sent(job, DeliveryStatus.DELIVERED)
+def _deliver_once(job: Job, delivery: dict[str, Any]) -> bool:
+    """Deliver, unless an earlier run of this job did and its worker died before recording it; whether
+    it delivered now (the caller marks it sent, `recovery.mark_sent`)."""
+    if recovery.sent_marker(job) is not None:
+        return False
+    CHANNELS[delivery["channel"]](Message(**delivery["message"]))
+    return True
 
 
 def _log_fields(delivery: dict[str, Any], attempt: int) -> dict[str, Any]:

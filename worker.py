@@ -58,6 +58,7 @@ def build_worker(settings: Settings, connection: Redis | None = None) -> BaseWor
         maintenance_interval=settings.worker_maintenance_interval_seconds,
         job_monitoring_interval=settings.job_heartbeat_seconds,
     )
+    built.log_result_lifespan = False  # RQ's "result is kept for N seconds" line after every job
     if isinstance(built, RecoveringWorker | RecoveringSimpleWorker):
         built.heartbeat_grace = settings.job_heartbeat_grace_seconds
     if isinstance(built, RecoveringSimpleWorker):

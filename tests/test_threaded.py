@@ -10,14 +10,18 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
+from rq import Queue
+from rq.job import JobStatus
 from rq.registry import FinishedJobRegistry
 
 from herald.rq_seam.recovery import CLAIMS_KEY
 from settings import get_settings
+from tests import fixtures
 from tests.conftest import StartProcess
 from tests.helpers import wait_until
 from tests.receiver import Receiver
 
+ENDED = (JobStatus.FINISHED, JobStatus.FAILED)
 NOTE = {"user_id": "u9", "title": "Order shipped", "body": "On its way."}
 
 
@@ -86,3 +90,17 @@ def test_a_job_over_its_timeout_fails_in_its_thread(
     processes("worker.py", "--processes", "1", wait_for_workers=1)
     wait_until(lambda: _status(client, job_id) == "failed", timeout=30, what="the job to time out")
     assert client.get(f"/job/{job_id}").json()["error"]["type"] == "JobTimeoutException"
+
+
+def test_a_canceled_timeout_never_hits_the_next_job_of_its_thread(
+    redis: Redis, threads: int, processes: StartProcess
+) -> None:
+    """The pooled threads run one job after another: a job that ended before its timeout leaves no
+    timer behind that would fire in its thread's next job."""
+    queue = Queue("default", connection=redis)
+    short = [queue.enqueue(fixtures.sleep, 0.2, job_timeout=3) for _ in range(threads)]
+    processes("worker.py", "--processes", "1", wait_for_workers=1)
+    wait_until(lambda: all(job.get_status() == JobStatus.FINISHED for job in short), timeout=30, what="short jobs")
+    long = [queue.enqueue(fixtures.sleep, 4, job_timeout=20) for _ in range(threads)]  # past the short ones' 3 s
+    wait_until(lambda: all(job.get_status() in ENDED for job in long), timeout=60, what="long jobs")
+    assert [job.get_status() for job in long] == [JobStatus.FINISHED] * threads

@@ -18,6 +18,7 @@ import worker
 from herald import mailsink
 from herald.exceptions import UnknownTaskError
 from herald.jobs import queues
+from herald.notify import notifications
 from herald.schemas import EmailArgs
 from settings import Settings, get_settings
 from tests import fixtures
@@ -150,3 +151,17 @@ def test_worker_class_is_simple_on_windows_and_by_default_and_forking_on_request
     assert issubclass(worker.worker_class(Settings(worker_class="fork"), "win32"), SimpleWorker)
     assert issubclass(worker.worker_class(Settings(worker_class="simple"), "linux"), SimpleWorker)
     assert issubclass(worker.worker_class(Settings(worker_class="fork"), "linux"), Worker)
+
+
+def test_a_delivery_update_sets_fields_of_a_record_and_never_recreates_a_gone_one(
+    fake_redis: fakeredis.FakeRedis,
+) -> None:
+    key = notifications.delivery_key("d1")
+    fake_redis.hset(key, mapping=notifications.encode({"status": "sending", "attempts": 1}))
+    notifications.update(fake_redis, "d1", status="delivered", next_retry_at=None)
+    notifications.update(fake_redis, "gone", status="delivered")
+
+    record = notifications.decode(fake_redis.hgetall(key))
+    assert record is not None and record["status"] == "delivered" and record["attempts"] == 1
+    assert record["next_retry_at"] is None and record["updated_at"]
+    assert not fake_redis.exists(notifications.delivery_key("gone"))

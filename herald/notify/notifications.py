@@ -96,10 +96,15 @@ def load_notification(connection: Redis, notification_id: str) -> tuple[dict[str
     return notification, [delivery for delivery in deliveries if delivery is not None]
 
 
-def update(connection: Redis, delivery_id: str, **fields: Any) -> None:
-    """Set fields of an existing delivery (never recreating one that expired)."""
-    if connection.exists(delivery_key(delivery_id)):
-        connection.hset(delivery_key(delivery_id), mapping=encode({**fields, "updated_at": now_iso()}))
+UPDATE_EXISTING_SCRIPT = "if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], unpack(ARGV)) end"
+"""HSET the field-value pairs in ARGV if the hash KEYS[1] exists."""
+
+
+def update(connection: Redis | Pipeline, delivery_id: str, **fields: Any) -> None:
+    """Set fields of an existing delivery, never recreating one that expired (one atomic command; on a
+    pipeline, sent with it)."""
+    words = [word for pair in encode({**fields, "updated_at": now_iso()}).items() for word in pair]
+    connection.eval(UPDATE_EXISTING_SCRIPT, 1, delivery_key(delivery_id), *words)
 
 
 def start_attempt(connection: Redis, delivery_id: str) -> int:

@@ -29,7 +29,7 @@ from redis.client import Pipeline
 from rq import Queue, RateLimit
 from rq.job import Job, JobStatus
 from rq.rate_limit import ACQUIRE_AND_ENQUEUE_SCRIPT, RateLimitRegistry
-from rq.utils import now, utcformat
+from rq.utils import current_timestamp, now, utcformat
 
 from herald.infra import keys
 from herald.rq_seam import replay
@@ -101,6 +101,19 @@ def _registry(key: str, connection: Redis) -> RateLimitRegistry:
     """The registry of a key, made once: RQ's constructor registers four scripts, a tenth of an enqueue.
     Only its key names and pipeline methods are used (its `concurrency` is read once and cached)."""
     return RateLimitRegistry(key, connection=connection)
+
+
+def release(job: Job) -> None:
+    """RQ's `release_slot` (free the slot of a job whose end is recorded, promote the next waiting job),
+    with the key's registry made once per process and the concurrency the job carries: RQ makes a
+    registry per call (four scripts registered) and reads the key's concurrency from Redis each time."""
+    if not job.rate_limit_key or job.get_status(refresh=False) in (JobStatus.QUEUED, JobStatus.STARTED):
+        return
+    registry = _registry(job.rate_limit_key, job.connection)
+    concurrency = job.rate_limit_concurrency or registry.concurrency
+    prefixes = (Queue.redis_queue_namespace_prefix, Job.redis_job_namespace_prefix)
+    words = (concurrency, current_timestamp(), utcformat(now()), *prefixes, job.id)
+    registry._release_script(keys=[registry.allowed_key, registry.rate_limited_key], args=words)
 
 
 async def execute_async(recorded: Pipeline, job: Job, replicas: int = 0, timeout_ms: int = 0) -> None:

@@ -46,7 +46,6 @@ from rq import Queue, SimpleWorker, Worker, worker_registration
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job, JobStatus
-from rq.rate_limit import release_slot
 from rq.registry import StartedJobRegistry, clean_registries
 from rq.results import Result
 from rq.serializers import Serializer
@@ -56,6 +55,7 @@ from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
 from herald.infra import keys, metrics
+from herald.rq_seam import limits
 from settings import QUEUE_NAMES, get_settings
 
 log = logging.getLogger("recovery")
@@ -313,6 +313,23 @@ _soft_writes: ContextVar[Pipeline | None] = ContextVar("soft_writes", default=No
 """The metrics a job's success callback recorded, while its end is written (`_finalize_success`)."""
 
 
+@contextmanager
+def soft_writes(connection: Redis) -> Iterator[None]:
+    """Metrics recorded in this thread within the block (by a job, its callbacks) go with the job's end
+    (`handle_job_success`), or are sent on leaving the block; within an outer block, the outer one's."""
+    if _soft_writes.get() is not None:
+        yield
+        return
+    with connection.pipeline(transaction=False) as soft:
+        token = _soft_writes.set(soft)
+        try:
+            with metrics.deferred(soft):
+                yield
+        finally:
+            _soft_writes.reset(token)
+            _send_soft(soft)
+
+
 def _send_soft(pipeline: Pipeline) -> None:
     """Send what is left on `pipeline`; as for any metrics, an error is logged, never raised."""
     if pipeline.command_stack:
@@ -446,14 +463,8 @@ class _LeanBookkeeping(BaseWorker):
     def _finalize_success(self, job: Job, queue: Queue, execution: Execution, return_value: Any) -> None:
         """RQ's, with what the success callback records for metrics sent with the job's end (one
         round trip less per job), or after it where RQ's own path writes the end."""
-        with self.connection.pipeline(transaction=False) as soft:
-            token = _soft_writes.set(soft)
-            try:
-                with metrics.deferred(soft):
-                    super()._finalize_success(job, queue, execution, return_value)
-            finally:
-                _soft_writes.reset(token)
-                _send_soft(soft)
+        with soft_writes(self.connection):
+            super()._finalize_success(job, queue, execution, return_value)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         """RQ writes the job's `last_heartbeat` here; after a job that returned, the save of its end
@@ -487,7 +498,7 @@ class _LeanBookkeeping(BaseWorker):
         if soft is not None:
             soft.command_stack.clear()
         job._status = JobStatus.FINISHED
-        release_slot(job)
+        limits.release(job)
         taken = job.ended_at - job.started_at  # type: ignore[operator]
         if self.log_job_description:  # RQ's own line, as `handle_job_success` writes it
             self.log.info("Successfully completed %s job in %ss on worker %s", job.description, taken, self.name)
@@ -580,6 +591,10 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
 
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
         """RQ's, with the job's heartbeats sent while it runs and stopped before its end is recorded."""
+        with soft_writes(self.connection):  # the job's metrics ride with its end
+            return self._perform_job(job, queue, execution)
+
+    def _perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
         try:  # RQ's `prepare_job_execution` was done by `prepare_execution`
             job.started_at = now()
             timeout = job.timeout or self.queue_class.DEFAULT_TIMEOUT
@@ -622,8 +637,13 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
     def recycle_reason(self) -> str | None:
         if self.max_jobs_per_process and self.jobs_run >= self.max_jobs_per_process:
             return f"{self.jobs_run} jobs run"
-        rss = resident_mib()
+        rss = resident_mib() if self.max_memory_mib else None
         if self.max_memory_mib and rss is not None and rss > self.max_memory_mib:
+            return f"{rss:.0f} MiB resident, over {self.max_memory_mib:g}"
+        return None
+        self._memory_read_at = time.monotonic()
+        rss = resident_mib()
+        if rss is not None and rss > self.max_memory_mib:
             return f"{rss:.0f} MiB resident, over {self.max_memory_mib:g}"
         return None
 
@@ -738,13 +758,14 @@ def sent_marker(job: Job | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def mark_sent(job: Job | None, value: str) -> str:
-    """Record that `job` has sent, so that a re-run after its worker died does not send again.
+def mark_sent(job: Job | None, value: str, pipeline: Pipeline | None = None) -> str:
+    """Record that `job` has sent, so that a re-run after its worker died does not send again
+    (on `pipeline` if given, which the caller sends).
 
     One duplicate stays possible: a worker killed after the server accepted and before this write.
     """
     if job is not None:
-        job.connection.set(_sent_key(job), value, ex=get_settings().result_ttl_seconds or 86_400)
+        (pipeline or job.connection).set(_sent_key(job), value, ex=get_settings().result_ttl_seconds or 86_400)
     return value
 
 

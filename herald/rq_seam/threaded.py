@@ -5,9 +5,11 @@ the network (an SMTP server or a webhook receiver answering in 100 ms leaves a p
 a thread) whose main loop claims a job only when one of its `threads` is free, and hands it to that
 thread. Each job is still one RQ execution: registered as started with its own heartbeat, retried with
 backoff, recovered if the process dies (its claim or its expired heartbeat, as for any worker), and
-visible in the registries and the dashboard. Jobs time out by `TimerDeathPenalty` (an exception raised
-in the job's thread), since a signal reaches only the main thread. A warm shutdown (SIGTERM, SIGINT)
-stops the claiming and waits for the running jobs; so do the end of a burst and a recycle.
+visible in the registries and the dashboard. Jobs time out by an exception raised in the job's thread
+(`WatchdogDeathPenalty`, RQ's `TimerDeathPenalty` with one timer thread per process instead of one per
+job), since a signal reaches only the main thread. The threads are made once and take one job after
+another. A warm shutdown (SIGTERM, SIGINT) stops the claiming and waits for the running jobs; so do the
+end of a burst and a recycle.
 
 RQ's built-in scheduler (retry delays) runs in a thread of the worker (`ThreadScheduler`), not in a
 process forked for it: the same loop, locks and heartbeats, without a third process's memory.
@@ -17,9 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import heapq
+import itertools
 import os
+import queue
 import sys
 import threading
+import time
 from contextlib import suppress
 from types import FrameType
 from typing import Any
@@ -43,6 +49,73 @@ _WAITS_FOR_WORK = {threading.Semaphore.acquire.__code__, Wakeups.wait.__code__}
 FREE_THREAD_WAIT_SECONDS = 1.0
 STOP_CHECK_SECONDS = 1
 """How long the main loop waits for a free thread before it sends a heartbeat and looks again."""
+
+
+class Watchdog:
+    """One thread that fires the death penalties of a process's jobs when they are due.
+
+    RQ's `TimerDeathPenalty` starts a `threading.Timer` (a thread) for every job and every callback;
+    here each registers its deadline with this one thread, which sleeps until the earliest.
+    """
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, TimerDeathPenalty]] = []
+        self._canceled: set[int] = set()
+        self._changed = threading.Condition()
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, penalty: TimerDeathPenalty, seconds: float) -> int:
+        """Fire `penalty` in `seconds` unless canceled; the token to cancel it with."""
+        token = next(self._order)
+        with self._changed:
+            heapq.heappush(self._due, (time.monotonic() + seconds, token, penalty))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="job timeouts", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        return token
+
+    def cancel(self, token: int) -> None:
+        with self._changed:
+            self._canceled.add(token)
+
+    def _run(self) -> None:
+        """Fire each penalty when due, under the lock: a job whose `cancel` came first is never hit,
+        and a pooled thread that has gone on to its next job never gets the last one's exception."""
+        with self._changed:
+            while True:
+                penalty = self._wait_for_due()
+                with suppress(ValueError):  # its thread has ended
+                    penalty.handle_death_penalty()
+
+    def _wait_for_due(self) -> TimerDeathPenalty:
+        """Under the lock: wait until the earliest deadline not canceled passes; its penalty."""
+        while True:
+            while self._due and self._due[0][1] in self._canceled:
+                self._canceled.discard(heapq.heappop(self._due)[1])
+            wait = self._due[0][0] - time.monotonic() if self._due else None
+            if wait is not None and wait <= 0:
+                return heapq.heappop(self._due)[2]
+            self._changed.wait(wait)
+
+
+WATCHDOG = Watchdog()
+
+
+class WatchdogDeathPenalty(TimerDeathPenalty):
+    """RQ's `TimerDeathPenalty` (an exception raised in the job's thread), its timer kept by `WATCHDOG`."""
+
+    _token: int | None = None
+
+    def setup_death_penalty(self) -> None:
+        if self._timeout > 0:
+            self._token = WATCHDOG.add(self, self._timeout)
+
+    def cancel_death_penalty(self) -> None:
+        if self._token is not None:
+            WATCHDOG.cancel(self._token)
+            self._token = None
 
 
 def limit_malloc_arenas() -> None:
@@ -91,7 +164,7 @@ class ThreadScheduler(RQScheduler):
 class ThreadedWorker(RecoveringSimpleWorker):
     """Up to `threads` jobs at once in one process; otherwise RQ's `SimpleWorker` with our recovery."""
 
-    death_penalty_class = TimerDeathPenalty
+    death_penalty_class = WatchdogDeathPenalty
     threads = 8
     _cold = False
 
@@ -99,8 +172,10 @@ class ThreadedWorker(RecoveringSimpleWorker):
         limit_malloc_arenas()
         super().__init__(*args, **kwargs)
         self._free = threading.BoundedSemaphore(self.threads)
-        self._count_lock = threading.Lock()
-        self._running: set[threading.Thread] = set()
+        self._count_lock = threading.Condition()
+        self._running = 0
+        self._jobs: queue.SimpleQueue[tuple[Job, Queue] | None] = queue.SimpleQueue()
+        self._pool: list[threading.Thread] = []
 
     def set_threads(self, threads: int) -> None:
         """Run up to `threads` jobs at once (before `work`)."""
@@ -146,29 +221,48 @@ class ThreadedWorker(RecoveringSimpleWorker):
         super().set_state(state, pipeline)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
-        """Start the job in a thread. It counts towards `max_jobs_per_process` now: the process claims
-        no more than its share, and ends (once its jobs have) when it has claimed it."""
-        thread = threading.Thread(target=self._run, args=(job, queue), name=f"job {job.id}", daemon=True)
+        """Hand the job to a free thread of the pool (made on first use). It counts towards
+        `max_jobs_per_process` now: the process claims no more than its share, and ends (once its jobs
+        have) when it has claimed it."""
         with self._count_lock:
-            self._running.add(thread)
+            self._running += 1
             self.jobs_run += 1
             self._recycle_if_due()
-        thread.start()
+            if len(self._pool) < self.threads:
+                thread = threading.Thread(target=self._serve_jobs, name=f"jobs {len(self._pool) + 1}", daemon=True)
+                self._pool.append(thread)
+                thread.start()
+        self._jobs.put((job, queue))
+
+    def _serve_jobs(self) -> None:
+        """A thread of the pool: run the jobs handed to it, one after another, until given None."""
+        while (handed := self._jobs.get()) is not None:
+            try:
+                self._run(*handed)
+            except Exception:  # a thread made per job would end here; a pooled one goes on
+                self.log.exception("job %s: its run ended with an error its end does not record", handed[0].id)
 
     def _run(self, job: Job, queue: Queue) -> None:
+        ended = False
         try:
             execution = self.prepare_execution(job)
             self.perform_job(job, queue, execution)
-            with self._count_lock:
-                self._running.discard(threading.current_thread())
-                idle = not self._running
-                self._recycle_if_due()
+            idle = self._end_of_job()
+            ended = True
             if idle:
                 self.set_state(WorkerStatus.IDLE)
         finally:
-            with self._count_lock:
-                self._running.discard(threading.current_thread())
+            if not ended:
+                self._end_of_job()
             self._free.release()
+
+    def _end_of_job(self) -> bool:
+        """Count a job out; whether none runs now."""
+        with self._count_lock:
+            self._running -= 1
+            self._recycle_if_due()
+            self._count_lock.notify_all()
+            return self._running == 0
 
     def _start_scheduler(
         self,
@@ -240,12 +334,10 @@ class ThreadedWorker(RecoveringSimpleWorker):
         """Wait for the running jobs before the worker leaves the registry (warm shutdown)."""
         if not self._cold:
             self.wait_for_jobs()
+            for _ in self._pool:
+                self._jobs.put(None)
         super().teardown()
 
     def wait_for_jobs(self) -> None:
-        while True:
-            with self._count_lock:
-                running = next(iter(self._running), None)
-            if running is None:
-                return
-            running.join()
+        with self._count_lock:
+            self._count_lock.wait_for(lambda: self._running == 0)
