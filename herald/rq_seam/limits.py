@@ -103,17 +103,17 @@ def _registry(key: str, connection: Redis) -> RateLimitRegistry:
     return RateLimitRegistry(key, connection=connection)
 
 
-def release(job: Job) -> None:
-    """RQ's `release_slot` (free the slot of a job whose end is recorded, promote the next waiting job),
-    with the key's registry made once per process and the concurrency the job carries: RQ makes a
-    registry per call (four scripts registered) and reads the key's concurrency from Redis each time."""
-    if not job.rate_limit_key or job.get_status(refresh=False) in (JobStatus.QUEUED, JobStatus.STARTED):
-        return
+def release_arguments(job: Job) -> tuple[list[str], list[Any]]:
+    """The keys and words of RQ's `RELEASE_AND_ENQUEUE_SCRIPT` for a job whose end is recorded (what
+    RQ's `release_slot` sends), with the key's registry made once per process and the concurrency the
+    job carries: RQ makes a registry per call (four scripts registered) and reads the key's
+    concurrency from Redis each time."""
+    assert job.rate_limit_key
     registry = _registry(job.rate_limit_key, job.connection)
     concurrency = job.rate_limit_concurrency or registry.concurrency
     prefixes = (Queue.redis_queue_namespace_prefix, Job.redis_job_namespace_prefix)
-    words = (concurrency, current_timestamp(), utcformat(now()), *prefixes, job.id)
-    registry._release_script(keys=[registry.allowed_key, registry.rate_limited_key], args=words)
+    words = [concurrency, current_timestamp(), utcformat(now()), *prefixes, job.id]
+    return [registry.allowed_key, registry.rate_limited_key], words
 
 
 async def execute_async(recorded: Pipeline, job: Job, replicas: int = 0, timeout_ms: int = 0) -> None:

@@ -46,6 +46,7 @@ from rq import Queue, SimpleWorker, Worker, worker_registration
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job, JobStatus
+from rq.rate_limit import RELEASE_AND_ENQUEUE_SCRIPT
 from rq.registry import StartedJobRegistry, clean_registries
 from rq.results import Result
 from rq.serializers import Serializer
@@ -89,12 +90,25 @@ its hash (RQ reads it in a second round trip); a job whose hash is gone (deleted
 JOB_KEY_PREFIX = Job.redis_job_namespace_prefix
 CLAIM_SHA = hashlib.sha1(CLAIM_SCRIPT.encode()).hexdigest()
 
-FINISH_SCRIPT = """
-if redis.call('SCARD', KEYS[1]) > 0 then
+
+def _finish_script(first_key: int, first_arg: int, then: str) -> str:
+    """The end of a successful job, its keys from KEYS[first_key] and its words from ARGV[first_arg]:
+    -1 if the job's `worker_name` is another than the owner given (unless none is given; a job deleted
+    while it ran is written again, as RQ's `handle_job_success` does), 0 if it has
+    dependents (nothing written), else its commands are run (each as its word count, then its words;
+    the first `soft` of them, metrics, with their errors ignored) and `then` follows."""
+    k, a = first_key, first_arg
+    return f"""
+local owner = ARGV[{a}]
+local holder = owner ~= '' and redis.call('HGET', KEYS[{k + 1}], 'worker_name')
+if holder and holder ~= owner then
+  return -1
+end
+if redis.call('SCARD', KEYS[{k}]) > 0 then
   return 0
 end
-local soft = tonumber(ARGV[1])
-local i, n = 2, 0
+local soft = tonumber(ARGV[{a + 1}])
+local i, n = {a + 2}, 0
 while i <= #ARGV do
   local count = tonumber(ARGV[i])
   if n < soft then
@@ -104,12 +118,22 @@ while i <= #ARGV do
   end
   i, n = i + count + 1, n + 1
 end
-return 1
-"""
-"""If the job whose dependents set is KEYS[1] has none, run the commands in ARGV[2..] (each as its word
-count, then its words; the first ARGV[1] of them, metrics, with their errors ignored) and return 1;
-else return 0 and write nothing."""
+{then}"""
+
+
+FINISH_SCRIPT = _finish_script(1, 1, "return 1")
+"""KEYS: the job's dependents set, the job's hash; ARGV: the owner, the soft count, the commands."""
 FINISH_SHA = hashlib.sha1(FINISH_SCRIPT.encode()).hexdigest()
+FINISH_AND_RELEASE_SCRIPT = _finish_script(3, 7, RELEASE_AND_ENQUEUE_SCRIPT)
+"""The same for a job holding a destination slot, then RQ's own release of that slot (which promotes
+the next waiting job) in the same script: KEYS and ARGV begin with RQ's release script's own (two
+keys, six words), after the job's end is written, as RQ's `release_slot` requires."""
+FINISH_AND_RELEASE_SHA = hashlib.sha1(FINISH_AND_RELEASE_SCRIPT.encode()).hexdigest()
+
+
+class TakenOver(Exception):
+    """The job's end is not this run's to write: another worker took the job over (`_still_ours`)."""
+
 
 RECOVER_SCRIPT = """
 local cutoff = tonumber(redis.call('TIME')[1]) - tonumber(ARGV[1])
@@ -484,6 +508,10 @@ class _LeanBookkeeping(BaseWorker):
         RQ's path."""
         result_ttl = job.get_result_ttl(self.default_result_ttl)
         if result_ttl == 0 or job.repeats_left:
+            owner = self.finish_owner()
+            holder = job.connection.hget(job.key, "worker_name") if owner else None
+            if holder is not None and holder != owner.encode():
+                raise TakenOver()
             super().handle_job_success(job, queue, started_job_registry, execution)
             return
         soft = _soft_writes.get()
@@ -492,18 +520,35 @@ class _LeanBookkeeping(BaseWorker):
             self._record_success(job, result_ttl, execution, recorder)
             commands = soft_commands + recorder.command_stack
         words = [len(soft_commands), *(word for args, _ in commands for word in (len(args), *args))]
-        if not run_script(self.connection, FINISH_SCRIPT, FINISH_SHA, [job.dependents_key], words):
+        outcome = self._run_finish(job, words)
+        if outcome == -1:
+            raise TakenOver()
+        if outcome == 0:  # it has dependents
             super().handle_job_success(job, queue, started_job_registry, execution)
             return
         if soft is not None:
             soft.command_stack.clear()
         job._status = JobStatus.FINISHED
-        limits.release(job)
         taken = job.ended_at - job.started_at  # type: ignore[operator]
         if self.log_job_description:  # RQ's own line, as `handle_job_success` writes it
             self.log.info("Successfully completed %s job in %ss on worker %s", job.description, taken, self.name)
         else:
             self.log.info("Successfully completed job %s in %ss on worker %s", job.id, taken, self.name)
+
+    def _run_finish(self, job: Job, words: list[Any]) -> Any:
+        """The finish script (`_finish_script`), with the release of the job's slot if it holds one."""
+        owner, keys = self.finish_owner(), [job.dependents_key, job.key]
+        if not job.rate_limit_key:
+            return run_script(self.connection, FINISH_SCRIPT, FINISH_SHA, keys, [owner, *words])
+        job._status = JobStatus.FINISHED  # as written by the script, before its release part runs
+        release_keys, release_words = limits.release_arguments(job)
+        script, sha = FINISH_AND_RELEASE_SCRIPT, FINISH_AND_RELEASE_SHA
+        return run_script(self.connection, script, sha, [*release_keys, *keys], [*release_words, owner, *words])
+
+    def finish_owner(self) -> str:
+        """The worker name the job must still have for its end to be written (`TakenOver` if not);
+        empty: not checked (the forking worker's work-horse, as RQ's)."""
+        return ""
 
     def _record_success(self, job: Job, result_ttl: int, execution: Execution, pipeline: Pipeline) -> None:
         """RQ's `handle_job_success` writes, without those `handle_job_success` tells."""
@@ -603,26 +648,34 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
                 self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id),
             ):
                 return_value = job.perform()
-            if not self._still_ours(job, execution):
-                return False
             self._finalize_success(job, queue, execution, return_value)
+        except TakenOver:  # raised by `handle_job_success` before it wrote anything
+            self._drop_run(job, execution)
+            return False
         except BaseException:  # as RQ's: whatever the job raised is recorded as its failure
             if self._still_ours(job, execution):
                 self._finalize_failure(job, queue, execution, sys.exc_info())
             return False
         return True
 
+    def finish_owner(self) -> str:
+        return str(self.name)
+
     def _still_ours(self, job: Job, execution: Execution) -> bool:
         """Whether the job is still this worker's: one cut off from Redis longer than the heartbeat
         grace finds, once back, its job recovered and run by another worker, whose outcome stands.
-        Then only this run's own execution record is removed."""
+        Then only this run's own execution record is removed. (After a job that returned, the finish
+        script checks it, `owner_to_check`.)"""
         if job.connection.hget(job.key, "worker_name") == self.name.encode():
             return True
+        self._drop_run(job, execution)
+        return False
+
+    def _drop_run(self, job: Job, execution: Execution) -> None:
         log.warning("job %s was taken over by another worker while this one ran it; this run's end is dropped", job.id)
         with self.connection.pipeline() as pipeline:
             self.cleanup_execution(job, pipeline=pipeline, execution=execution)
             pipeline.execute()
-        return False
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """RQ's `SimpleWorker.execute_job` without its `idle` write after the job: the next dequeue writes
