@@ -20,7 +20,6 @@ from settings import Settings
 from tests import test_dashboard
 from tests.cdp import Browser
 from tests.conftest import MakeClient
-from tests.helpers import start_process, stop_process, wait_until
 
 API_KEY = "docs-test-key"
 chromium = test_dashboard.chromium
@@ -31,21 +30,9 @@ RESPONSE_STATUS = f"{SEND_EMAIL}?.querySelector('.live-responses-table tbody .re
 
 
 @pytest.fixture
-def api_url(redis: Redis) -> Iterator[str]:
-    """The real API (`uvicorn app:app`) on a free port, on the test Redis, with an API key set."""
-    port = test_dashboard._free_port()
-    process = start_process(
-        "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-        env={"API_KEY": API_KEY},
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        healthy = lambda: process.poll() is not None or test_dashboard._answers(f"{url}/healthz")  # noqa: E731
-        wait_until(healthy, timeout=30, what="the API to answer")
-        assert process.poll() is None, "uvicorn exited at start"
-        yield url
-    finally:
-        stop_process(process)
+def api_env() -> dict[str, str]:
+    """`api_url`'s API with an API key set."""
+    return {"API_KEY": API_KEY}
 
 
 @pytest.fixture
