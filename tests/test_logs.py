@@ -385,12 +385,8 @@ def deliver_every_outcome(
 OUTCOMES = {("email", "retrying"), ("email", "delivered"), ("webhook", "failed"), ("in_app", "delivered")}
 
 
-def test_worker_logs_each_delivery_outcome_as_json_without_secrets(
-    worker_output: Path, client: TestClient, smtp: MailSink, webhooks: Receiver, redis: Redis
-) -> None:
-    deliveries, leaky_id = deliver_every_outcome(client, smtp, webhooks, redis)
-    output = worker_output.read_text()
-    assert_no_secret(output)
+def assert_json_outcomes(output: str, deliveries: dict[str, str], leaky_id: str) -> None:
+    """Each delivery outcome once, as a JSON line with the job's context; the leaky job's line redacted."""
     entries = parse_lines(output)
     assert any(REDACTED in entry["message"] and entry.get("job_id") == leaky_id for entry in entries)
     outcomes = {(e["channel"], e["outcome"]): e for e in entries if e.get("logger") == "tasks" and "outcome" in e}
@@ -407,13 +403,8 @@ def test_worker_logs_each_delivery_outcome_as_json_without_secrets(
     assert outcomes[("webhook", "failed")]["error"].startswith("PermanentError: ")
 
 
-@pytest.mark.parametrize("log_format", ["console"])
-def test_worker_console_lines_show_each_delivery_outcome_without_secrets(
-    worker_output: Path, client: TestClient, smtp: MailSink, webhooks: Receiver, redis: Redis
-) -> None:
-    deliveries, leaky_id = deliver_every_outcome(client, smtp, webhooks, redis)
-    output = worker_output.read_text()
-    assert_no_secret(output)
+def assert_console_outcomes(output: str, deliveries: dict[str, str], leaky_id: str) -> None:
+    """Each delivery outcome once, as a console line with its fields; the leaky job's traceback redacted."""
     entries = console_entries(output)
     header = f"job {leaky_id}: exception raised"
     failed = [rest for line, rest in entries if header in line["text"] and f" job_id={leaky_id}" in line["text"]]
@@ -422,3 +413,16 @@ def test_worker_console_lines_show_each_delivery_outcome_without_secrets(
     for channel, outcome in OUTCOMES:
         fields = f"delivery_id={deliveries[channel]} correlation_id=req-logs-1 channel={channel} outcome={outcome}"
         assert [line["logger"] for line in lines if fields in line["text"]] == ["tasks"], (channel, outcome)
+
+
+ASSERT_OUTCOMES = {"json": assert_json_outcomes, "console": assert_console_outcomes}
+
+
+@pytest.mark.parametrize("log_format", list(ASSERT_OUTCOMES))
+def test_worker_logs_each_delivery_outcome_without_secrets(
+    log_format: str, worker_output: Path, client: TestClient, smtp: MailSink, webhooks: Receiver, redis: Redis
+) -> None:
+    deliveries, leaky_id = deliver_every_outcome(client, smtp, webhooks, redis)
+    output = worker_output.read_text()
+    assert_no_secret(output)
+    ASSERT_OUTCOMES[log_format](output, deliveries, leaky_id)
