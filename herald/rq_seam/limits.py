@@ -35,18 +35,8 @@ from herald.infra import keys
 from herald.rq_seam import replay
 from settings import Settings
 
-REPLAY_AND_ACQUIRE_SCRIPT = (
-    """
-local i = 6
-while i <= #ARGV do
-  local count = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + count))
-  i = i + count + 1
-end
-"""
-    + ACQUIRE_AND_ENQUEUE_SCRIPT
-)
-"""`replay.REPLAY_SCRIPT` on the words after RQ's five arguments, then RQ's own slot script on those."""
+REPLAY_AND_ACQUIRE_SCRIPT = replay.replay_loop(6) + ACQUIRE_AND_ENQUEUE_SCRIPT
+"""The replay loop on the words after RQ's five arguments, then RQ's own slot script on those."""
 _REPLAY_AND_ACQUIRE_SHA = hashlib.sha1(REPLAY_AND_ACQUIRE_SCRIPT.encode()).hexdigest()
 
 
