@@ -91,13 +91,14 @@ LENGTH_FRESH_SECONDS = 0.5
 
 
 def ensure_capacity(queue: Queue) -> None:
-    """Backpressure: refuse new work once `queue` holds `QUEUE_MAX_WAITING` waiting jobs.
+    """Backpressure: refuse new work once `queue` holds `QUEUE_MAX_WAITING` waiting jobs, counting those
+    waiting for a destination slot (`limits.waiting`).
 
-    The length (one LLEN) is read again only when the last look is older than half a second or was
+    The length (one script) is read again only when the last look is older than half a second or was
     within a tenth of the limit, so a busy API skips that round trip while the queue is far from full.
     """
     if _length_is_stale(queue.name):
-        _known_lengths[queue.name] = (time.monotonic(), int(queue.connection.llen(queue.key)))
+        _known_lengths[queue.name] = (time.monotonic(), limits.waiting(queue))
     if _is_full(queue.name):
         metrics_hooks.record_rejection(queue.name)
         raise _queue_full(queue.name)
@@ -106,7 +107,7 @@ def ensure_capacity(queue: Queue) -> None:
 async def ensure_capacity_async(queue: Queue) -> None:
     """`ensure_capacity` through the asyncio client."""
     if _length_is_stale(queue.name):
-        waiting = int(await connections.async_redis_client().llen(queue.key))
+        waiting = await limits.waiting_async(queue)
         _known_lengths[queue.name] = (time.monotonic(), waiting)
     if _is_full(queue.name):
         await asyncio.to_thread(metrics_hooks.record_rejection, queue.name)
@@ -128,11 +129,11 @@ def _queue_full(queue_name: str) -> QueueFullError:
     return QueueFullError(queue_name, _known_lengths[queue_name][1], settings.queue_full_retry_after_seconds)
 
 
-def _count_own_enqueue(queue_name: str) -> None:
+def _count_own_enqueue(queue_name: str, count: int = 1) -> None:
     """Keep this process's last look at the queue's length up to date with what it adds itself."""
     if queue_name in _known_lengths:
         read_at, waiting = _known_lengths[queue_name]
-        _known_lengths[queue_name] = (read_at, waiting + 1)
+        _known_lengths[queue_name] = (read_at, waiting + count)
 
 
 _JITTER = random.Random()
@@ -277,6 +278,7 @@ def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> list[s
         else:
             pipeline.rpush(queue.key, *ids)
         metrics.jobs_submitted(pipeline, "send_email", len(ids))
+    _count_own_enqueue(queue.name, len(ids))
     return ids
 
 
@@ -327,6 +329,7 @@ def submit(queue: Queue, job: Job, due: datetime | None, pipeline: Pipeline, rec
     metrics.job_submitted(pipeline, job)
     if due is None and job.has_rate_limit:
         (limits.submit_recorded if recorded else limits.submit)(queue, job, pipeline)
+        _count_own_enqueue(queue.name)
         return
     if due is None:
         queue.enqueue_job(job, pipeline=pipeline)
