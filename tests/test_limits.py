@@ -184,3 +184,14 @@ def test_jobs_waiting_for_their_slot_count_toward_a_full_queue(
         assert client.post("/jobs", json={"task": "send_email", "kwargs": email}).status_code == 429
         assert client.post("/send-email/batch", json={"emails": [email]}).status_code == 429
     assert len(redis.keys("rq:job:*")) == 4
+
+
+def test_the_batch_answer_says_which_emails_wait_for_their_slot(
+    client: TestClient, smtp: MailSink, limited: None
+) -> None:
+    email = {"to": "ann@example.com", "subject": "Hello", "body": "Hi"}
+    first = client.post("/send-email/batch", json={"emails": [email] * 3}).json()["jobs"]
+    second = client.post("/send-email/batch", json={"emails": [email]}).json()["jobs"]
+    answered = [job["status"] for job in first + second]
+    assert answered == ["queued", "queued", "rate_limited", "rate_limited"]
+    assert [client.get(job["status_url"]).json()["status"] for job in first + second] == answered

@@ -246,8 +246,9 @@ def _write(
 
 
 @accepting
-def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> list[str]:
-    """Queue many already-validated emails at once: one capacity check, one transaction; their ids.
+def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> dict[str, JobStatus]:
+    """Queue many already-validated emails at once: one capacity check, one transaction; their ids and
+    statuses, in order (`rate_limited` for those waiting for a slot of the SMTP server's).
 
     RQ's objects take about 115 µs to build and write each job here. A batch is written as RQ would
     write it, from one job that RQ builds: each job's hash is a COPY of that job's hash with its own
@@ -262,7 +263,8 @@ def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> list[s
     if model.has_rate_limit:
         enqueue.mark_rate_limited(model)  # each waits for its slot: `limits.submit_many`
     ids, copy = [str(uuid4()) for _ in messages], queue.get_redis_server_version() >= (6, 2, 0)
-    with transaction() as pipeline:
+    with get_redis().pipeline() as pipeline:  # a `transaction` whose replies say which jobs got a slot
+        pipeline.multi()
         template: dict[Any, Any] = model.to_dict()
         if copy:
             pipeline.hset(model.key, mapping=template)
@@ -273,13 +275,15 @@ def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> list[s
             pipeline.hset(model.key_for(job_id), mapping=own if copy else {**template, **own})
         pipeline.delete(model.key)
         pipeline.sadd(queue.redis_queues_keys, queue.key)
+        metrics.jobs_submitted(pipeline, "send_email", len(ids))
         if model.has_rate_limit:
-            limits.submit_many(queue, model, ids, pipeline)
+            limits.submit_many(queue, model, ids, pipeline)  # last: its reply, the jobs promoted
         else:
             pipeline.rpush(queue.key, *ids)
-        metrics.jobs_submitted(pipeline, "send_email", len(ids))
+        replies = pipeline.execute()
     _count_own_enqueue(queue.name, len(ids))
-    return ids
+    promoted = limits.promoted(replies[-1]) if model.has_rate_limit else set(ids)
+    return {job_id: JobStatus.QUEUED if job_id in promoted else JobStatus.RATE_LIMITED for job_id in ids}
 
 
 def _own_fields(model: Job, kwargs: dict[str, Any], settings: Settings) -> dict[Any, Any]:

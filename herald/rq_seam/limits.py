@@ -147,10 +147,16 @@ async def execute_async(recorded: Pipeline, job: Job, replicas: int = 0, timeout
 
 def submit_many(queue: Queue, model: Job, ids: list[str], pipeline: Pipeline) -> None:
     """The end of a batch of jobs made like `model` (their hashes written `rate_limited`): all added to
-    the key's waiting set in their order, then as many promoted as the key has free slots."""
+    the key's waiting set in their order, then as many promoted as the key has free slots (the reply
+    of its last command, `promoted`)."""
     assert model.rate_limit_key and model.rate_limit_concurrency
     registry = RateLimitRegistry.from_job(model)
     start = time.time()
     registry.register(model.rate_limit_concurrency, pipeline)
     pipeline.zadd(registry.rate_limited_key, {job_id: start + n * 1e-5 for n, job_id in enumerate(ids)})
     registry.acquire_and_enqueue(model.rate_limit_concurrency, pipeline=pipeline)
+
+
+def promoted(reply: list[bytes | str]) -> set[str]:
+    """The ids of the jobs that RQ's slot script (the last command of `submit_many`) promoted."""
+    return {job_id.decode() if isinstance(job_id, bytes) else job_id for job_id in reply}
