@@ -11,6 +11,7 @@ import pytest
 from redis import Redis
 from rq import Callback, Queue, Retry, Worker
 from rq.job import Job, JobStatus
+from rq.rate_limit import RateLimit, RateLimitRegistry
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 from bench import chaos
@@ -169,6 +170,23 @@ def test_a_job_registered_by_a_worker_that_died_before_forking_goes_back(redis: 
     wait_until(requeued, timeout=10, interval=0.2, what="the abandoned job to be requeued")
     job.refresh()
     assert Queue("default", connection=redis).job_ids == [job.id] and job.retries_left == 3
+
+
+def test_the_sweep_frees_a_slot_its_dead_worker_held_and_lets_the_next_job_in(redis: Redis) -> None:
+    """RQ gives a job's slot back after the transaction that records its end: a worker killed in between
+    leaves the slot held by an ended job, and the job waiting for it waits until a maintenance pass."""
+    limit = RateLimit("test:receiver", 1)
+    queue = Queue("default", connection=redis)
+    ended, waiting = (queue.enqueue(fixtures.count_runs, 0, rate_limit=limit) for _ in range(2))
+    assert (ended.get_status(), waiting.get_status()) == (JobStatus.QUEUED, JobStatus.RATE_LIMITED)
+    registry = RateLimitRegistry(limit.key, connection=redis)
+    queue.remove(ended.id)  # a worker took it, recorded its failure, and died before releasing its slot
+    ended.set_status(JobStatus.FAILED)
+    assert registry.get_allowed_job_ids() == [ended.id]
+
+    recovery.sweep(redis)
+    assert waiting.get_status() == JobStatus.QUEUED and queue.job_ids == [waiting.id]
+    assert registry.get_allowed_job_ids() == [waiting.id] and registry.get_rate_limited_job_count() == 0
 
 
 def test_sigterm_lets_the_running_job_finish_then_the_worker_exits(
