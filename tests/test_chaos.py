@@ -189,6 +189,34 @@ def test_the_sweep_frees_a_slot_its_dead_worker_held_and_lets_the_next_job_in(re
     assert registry.get_allowed_job_ids() == [waiting.id] and registry.get_rate_limited_job_count() == 0
 
 
+def test_a_killed_job_keeps_its_slot_while_requeued_runs_once_more_then_gives_it_back(
+    monkeypatch: pytest.MonkeyPatch, redis: Redis, processes: StartProcess
+) -> None:
+    """A job holding its destination's only slot, SIGKILLed with its worker: requeued by the scheduler's
+    sweep with the slot still its own (the job waiting for it stays waiting), it runs once more on the
+    next worker; then the slot goes to the waiting job, and none is left held."""
+    _fast_recovery(monkeypatch)
+    processes("scheduler.py")  # the only one to sweep while no worker runs
+    limit, queue = RateLimit("test:receiver", 1), Queue("default", connection=redis)
+    options = {"retry": queues.retry_policy(get_settings()), "on_failure": Callback(queues.on_job_failure)}
+    killed = queue.enqueue(fixtures.count_runs, 30, True, rate_limit=limit, **options)  # 30 s on its first run
+    waiting = queue.enqueue(fixtures.count_runs, 0, rate_limit=limit, **options)
+    registry = RateLimitRegistry(limit.key, connection=redis)
+    worker = processes("worker.py")
+    wait_until(lambda: _runs(redis, killed) == 1, what="the job to start")
+    kill_worker(worker)
+
+    wait_until(lambda: _status_is(killed, JobStatus.QUEUED), timeout=15, interval=0.1, what="the killed job requeued")
+    assert registry.get_allowed_job_ids() == [killed.id], "its slot kept while it is requeued"
+    assert waiting.get_status() == JobStatus.RATE_LIMITED and queue.job_ids == [killed.id]
+
+    processes("worker.py")
+    wait_until(lambda: _status_is(waiting, JobStatus.FINISHED), timeout=20, interval=0.1, what="both jobs to finish")
+    assert killed.get_status() == JobStatus.FINISHED
+    assert (_runs(redis, killed), _runs(redis, waiting)) == (2, 1)
+    assert registry.get_allowed_job_ids() == [] and redis.zcard(registry.allowed_key) == 0
+
+
 def test_sigterm_lets_the_running_job_finish_then_the_worker_exits(
     redis: Redis, processes: StartProcess, smtp: MailSink
 ) -> None:
