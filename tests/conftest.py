@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -20,6 +21,7 @@ from herald import mailsink
 from herald.infra import connections
 from herald.jobs import queues
 from settings import Settings, get_settings
+from tests.cdp import Browser
 from tests.helpers import answers, refusing_port, start_process, stop_process, wait_until
 from tests.receiver import Receiver
 
@@ -149,6 +151,25 @@ def api_url(redis: Redis, api_env: dict[str, str]) -> Iterator[str]:
         yield url
     finally:
         stop_process(process)
+
+
+@pytest.fixture
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        message = "chromium is not installed (apt-get install chromium; ./test.sh does it when run as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def browser(chromium: str, tmp_path: Path) -> Iterator[Browser]:
+    """A headless Chromium driven over DevTools (`tests.cdp`), closed after the test."""
+    opened = Browser(chromium, tmp_path / "profile")
+    yield opened
+    opened.close()
 
 
 @pytest.fixture(scope="session")

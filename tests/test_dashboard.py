@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
@@ -141,17 +139,6 @@ def _failed_job(redis: Redis) -> Job:
 def api_env() -> dict[str, str]:
     """`api_url`'s API with the dashboard password set."""
     return {"DASHBOARD_USERNAME": USER, "DASHBOARD_PASSWORD": PASSWORD, "DASHBOARD_READ_ONLY": "false"}
-
-
-@pytest.fixture
-def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        message = "chromium is not installed (apt-get install chromium; ./test.sh does it when run as root)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def _browse(chromium: str, url: str, screenshot: Path, profile: Path) -> str:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -17,12 +15,10 @@ from redis import Redis
 from rq import Queue
 
 from settings import Settings
-from tests import test_dashboard
 from tests.cdp import Browser
 from tests.conftest import MakeClient
 
 API_KEY = "docs-test-key"
-chromium = test_dashboard.chromium
 
 SWAGGER_PATHS = "[...document.querySelectorAll('.opblock-summary-path')].map(e => e.textContent.trim())"
 SEND_EMAIL = "[...document.querySelectorAll('.opblock-post')].find(b => b.querySelector('.opblock-summary-path')?.textContent.trim() === '/send-email')"  # noqa: E501
@@ -33,13 +29,6 @@ RESPONSE_STATUS = f"{SEND_EMAIL}?.querySelector('.live-responses-table tbody .re
 def api_env() -> dict[str, str]:
     """`api_url`'s API with an API key set."""
     return {"API_KEY": API_KEY}
-
-
-@pytest.fixture
-def browser(chromium: str, tmp_path: Path) -> Iterator[Browser]:
-    opened = Browser(chromium, tmp_path / "profile")
-    yield opened
-    opened.close()
 
 
 def _click(browser: Browser, selector: str, within: str = "document") -> None:
