@@ -21,7 +21,6 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from rq.job import JobStatus
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
@@ -266,9 +265,11 @@ def send_email_batch(request: SendEmailBatch) -> Response:
     The answer (`JobsAccepted`) is written directly: its values are ids made here and the validated
     priority, and checking a thousand of them against the model again cost a tenth of the request.
     """
-    ids = queues.enqueue_emails([email.model_dump(mode="json") for email in request.emails], request.priority)
-    queued = {"status": JobStatus.QUEUED.value, "queue": request.priority}
-    accepted = [{"job_id": id_, **queued, "status_url": f"/job/{id_}"} for id_ in ids]
+    statuses = queues.enqueue_emails([email.model_dump(mode="json") for email in request.emails], request.priority)
+    accepted = [
+        {"job_id": id_, "status": status.value, "queue": request.priority, "status_url": f"/job/{id_}"}
+        for id_, status in statuses.items()
+    ]
     return JSONResponse({"jobs": accepted}, status_code=202)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -20,7 +21,8 @@ from herald import mailsink
 from herald.infra import connections
 from herald.jobs import queues
 from settings import Settings, get_settings
-from tests.helpers import refusing_port, start_process, stop_process, wait_until
+from tests.cdp import Browser
+from tests.helpers import answers, refusing_port, start_process, stop_process, wait_until
 from tests.receiver import Receiver
 
 KEYSPACE_EVENTS = {"notify-keyspace-events": "Kl"}
@@ -126,6 +128,48 @@ def processes(redis: Redis) -> Iterator[StartProcess]:
 def worker(processes: StartProcess, smtp: mailsink.MailSink) -> subprocess.Popen[bytes]:
     """One project worker (`python worker.py`) on the test Redis and SMTP sink."""
     return processes("worker.py", wait_for_workers=1)
+
+
+@pytest.fixture
+def api_env() -> dict[str, str]:
+    """What `api_url`'s process has in its environment besides the test's: a module overrides it (its API
+    key, the dashboard's password)."""
+    return {}
+
+
+@pytest.fixture
+def api_url(redis: Redis, api_env: dict[str, str]) -> Iterator[str]:
+    """The real API (`uvicorn app:app`) on a free port, on the test Redis, with `api_env` set."""
+    port = mailsink.free_port()
+    process = start_process(
+        "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", env=api_env
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: process.poll() is not None or answers(f"{url}/healthz"), 30, what="the API to answer")
+        assert process.poll() is None, "uvicorn exited at start"
+        yield url
+    finally:
+        stop_process(process)
+
+
+@pytest.fixture
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        message = "chromium is not installed (apt-get install chromium; ./test.sh does it when run as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture
+def browser(chromium: str, tmp_path: Path) -> Iterator[Browser]:
+    """A headless Chromium driven over DevTools (`tests.cdp`), closed after the test."""
+    opened = Browser(chromium, tmp_path / "profile")
+    yield opened
+    opened.close()
 
 
 @pytest.fixture(scope="session")

@@ -24,12 +24,19 @@ def sleep(seconds: float) -> float:
     return seconds
 
 
-def count_runs(seconds: float) -> int:
-    """Count this job's runs in Redis (`runs:<job id>`), then sleep; return the count."""
+def _count_run() -> int:
+    """Count this run of the current job in Redis (`runs:<job id>`); the count so far."""
     job = get_current_job()
     assert job is not None, "runs as an RQ job"
-    runs = int(job.connection.incr(f"runs:{job.id}"))
-    time.sleep(seconds)
+    return int(job.connection.incr(f"runs:{job.id}"))
+
+
+def count_runs(seconds: float, first_run_only: bool = False) -> int:
+    """Count this job's runs in Redis (`runs:<job id>`), then sleep `seconds` (with `first_run_only`, on
+    its first run only); return the count."""
+    runs = _count_run()
+    if runs == 1 or not first_run_only:
+        time.sleep(seconds)
     return runs
 
 
@@ -50,9 +57,7 @@ def leak(mib: int) -> int:
 def die_on_first_run() -> int:
     """Kill the process that runs the job on its first run (as a crash in C code would); the count
     of runs (`runs:<job id>`) on the next."""
-    job = get_current_job()
-    assert job is not None, "runs as an RQ job"
-    runs = int(job.connection.incr(f"runs:{job.id}"))
+    runs = _count_run()
     if runs == 1:
         os._exit(70)
     return runs
@@ -67,13 +72,3 @@ def send_email_then_sleep(seconds: float, to: str, subject: str, body: str) -> d
     job.connection.incr(f"returned:{job.id}")
     time.sleep(seconds)
     return result
-
-
-def sleep_on_first_run(seconds: float) -> int:
-    """Sleep `seconds` on the job's first run only (`runs:<job id>` counts them); the count of runs."""
-    job = get_current_job()
-    assert job is not None, "runs as an RQ job"
-    runs = int(job.connection.incr(f"runs:{job.id}"))
-    if runs == 1:
-        time.sleep(seconds)
-    return runs

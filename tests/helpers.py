@@ -9,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TypeVar
@@ -40,6 +42,15 @@ def wait_for_http(url: str, timeout: float = 30.0) -> None:
             return False
 
     wait_until(ok, timeout, interval=0.1, what=f"{url} to answer")
+
+
+def answers(url: str) -> bool:
+    """Whether `url` answers 200 now (within a second)."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, ConnectionError):
+        return False
 
 
 def start_process(

@@ -11,6 +11,7 @@ import pytest
 from redis import Redis
 from rq import Callback, Queue, Retry, Worker
 from rq.job import Job, JobStatus
+from rq.rate_limit import RateLimit, RateLimitRegistry
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 from bench import chaos
@@ -169,6 +170,51 @@ def test_a_job_registered_by_a_worker_that_died_before_forking_goes_back(redis: 
     wait_until(requeued, timeout=10, interval=0.2, what="the abandoned job to be requeued")
     job.refresh()
     assert Queue("default", connection=redis).job_ids == [job.id] and job.retries_left == 3
+
+
+def test_the_sweep_frees_a_slot_its_dead_worker_held_and_lets_the_next_job_in(redis: Redis) -> None:
+    """RQ gives a job's slot back after the transaction that records its end: a worker killed in between
+    leaves the slot held by an ended job, and the job waiting for it waits until a maintenance pass."""
+    limit = RateLimit("test:receiver", 1)
+    queue = Queue("default", connection=redis)
+    ended, waiting = (queue.enqueue(fixtures.count_runs, 0, rate_limit=limit) for _ in range(2))
+    assert (ended.get_status(), waiting.get_status()) == (JobStatus.QUEUED, JobStatus.RATE_LIMITED)
+    registry = RateLimitRegistry(limit.key, connection=redis)
+    queue.remove(ended.id)  # a worker took it, recorded its failure, and died before releasing its slot
+    ended.set_status(JobStatus.FAILED)
+    assert registry.get_allowed_job_ids() == [ended.id]
+
+    recovery.sweep(redis)
+    assert waiting.get_status() == JobStatus.QUEUED and queue.job_ids == [waiting.id]
+    assert registry.get_allowed_job_ids() == [waiting.id] and registry.get_rate_limited_job_count() == 0
+
+
+def test_a_killed_job_keeps_its_slot_while_requeued_runs_once_more_then_gives_it_back(
+    monkeypatch: pytest.MonkeyPatch, redis: Redis, processes: StartProcess
+) -> None:
+    """A job holding its destination's only slot, SIGKILLed with its worker: requeued by the scheduler's
+    sweep with the slot still its own (the job waiting for it stays waiting), it runs once more on the
+    next worker; then the slot goes to the waiting job, and none is left held."""
+    _fast_recovery(monkeypatch)
+    processes("scheduler.py")  # the only one to sweep while no worker runs
+    limit, queue = RateLimit("test:receiver", 1), Queue("default", connection=redis)
+    options = {"retry": queues.retry_policy(get_settings()), "on_failure": Callback(queues.on_job_failure)}
+    killed = queue.enqueue(fixtures.count_runs, 30, True, rate_limit=limit, **options)  # 30 s on its first run
+    waiting = queue.enqueue(fixtures.count_runs, 0, rate_limit=limit, **options)
+    registry = RateLimitRegistry(limit.key, connection=redis)
+    worker = processes("worker.py")
+    wait_until(lambda: _runs(redis, killed) == 1, what="the job to start")
+    kill_worker(worker)
+
+    wait_until(lambda: _status_is(killed, JobStatus.QUEUED), timeout=15, interval=0.1, what="the killed job requeued")
+    assert registry.get_allowed_job_ids() == [killed.id], "its slot kept while it is requeued"
+    assert waiting.get_status() == JobStatus.RATE_LIMITED and queue.job_ids == [killed.id]
+
+    processes("worker.py")
+    wait_until(lambda: _status_is(waiting, JobStatus.FINISHED), timeout=20, interval=0.1, what="both jobs to finish")
+    assert killed.get_status() == JobStatus.FINISHED
+    assert (_runs(redis, killed), _runs(redis, waiting)) == (2, 1)
+    assert registry.get_allowed_job_ids() == [] and redis.zcard(registry.allowed_key) == 0
 
 
 def test_sigterm_lets_the_running_job_finish_then_the_worker_exits(

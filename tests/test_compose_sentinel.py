@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from herald.infra import connections
 from tests.helpers import ROOT
-from tests.test_compose import assert_entry_point_exists, words
+from tests.test_compose import assert_docker_compose_accepts, assert_entry_point_exists, services_of, words
 
 COMPOSE_FILE = ROOT / "docker-compose.sentinel.yml"
 PASSWORDS = {"DASHBOARD_PASSWORD": "secret", "REDIS_PASSWORD": "redis-secret", "REDIS_SENTINEL_PASSWORD": "s-secret"}
@@ -23,8 +20,7 @@ SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
 
 @pytest.fixture(scope="module")
 def services() -> dict[str, dict[str, Any]]:
-    compose: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
-    return dict(compose["services"])
+    return services_of(COMPOSE_FILE)
 
 
 def test_every_python_service_finds_the_primary_through_the_three_sentinels(
@@ -67,16 +63,4 @@ def test_only_api_and_mailpit_publish_ports(services: dict[str, dict[str, Any]])
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (v1) is not installed")
 def test_docker_compose_accepts_the_file(tmp_path: Path) -> None:
-    def config(**given: str) -> subprocess.CompletedProcess[str]:
-        env = {key: value for key, value in os.environ.items() if key not in PASSWORDS} | given
-        empty_env_file = tmp_path / "empty.env"
-        empty_env_file.touch()
-        command = ["docker-compose", "--env-file", str(empty_env_file), "-f", str(COMPOSE_FILE), "config", "-q"]
-        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-
-    accepted = config(**PASSWORDS)
-    assert accepted.returncode == 0, accepted.stderr
-    for missing in PASSWORDS:
-        refused = config(**{name: value for name, value in PASSWORDS.items() if name != missing})
-        assert refused.returncode != 0
-        assert f"set {missing}" in refused.stderr
+    assert_docker_compose_accepts(COMPOSE_FILE, PASSWORDS, tmp_path)

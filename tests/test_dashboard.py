@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
@@ -19,9 +14,10 @@ from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.job import Job
 
+from herald import mailsink
 from herald.api.dashboard import mount_dashboard
 from settings import get_settings
-from tests.helpers import start_process, stop_process, wait_until
+from tests.helpers import stop_process
 
 USER, PASSWORD = "admin", "s3cret-pass"
 
@@ -115,7 +111,7 @@ def test_without_read_only_the_same_action_works(dashboard: MakeDashboard, redis
 
 
 def test_redis_down_gives_503_not_a_crash(dashboard: MakeDashboard, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{_free_port()}/0")
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{mailsink.free_port()}/0")
     client = dashboard()
     assert client.get("/rq/0/data/queues.json", auth=(USER, PASSWORD)).status_code == 503
     assert client.get("/rq/", auth=(USER, PASSWORD)).status_code == 200  # rq-dashboard's own "Connection Error"
@@ -139,47 +135,10 @@ def _failed_job(redis: Redis) -> Job:
     return job
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, ConnectionError):
-        return False
-
-
 @pytest.fixture
-def api_url(redis: Redis) -> Iterator[str]:
-    """The real API (`uvicorn app:app`) on a free port, on the test Redis, with the dashboard password set."""
-    port = _free_port()
-    env = {"DASHBOARD_USERNAME": USER, "DASHBOARD_PASSWORD": PASSWORD, "DASHBOARD_READ_ONLY": "false"}
-    process = start_process(
-        "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", env=env
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: process.poll() is not None or _answers(f"{url}/healthz"), 30, what="the API to answer")
-        assert process.poll() is None, "uvicorn exited at start"
-        yield url
-    finally:
-        stop_process(process)
-
-
-@pytest.fixture
-def chromium() -> str:
-    path = shutil.which("chromium")
-    if path is None:
-        message = "chromium is not installed (apt-get install chromium; ./test.sh does it when run as root)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+def api_env() -> dict[str, str]:
+    """`api_url`'s API with the dashboard password set."""
+    return {"DASHBOARD_USERNAME": USER, "DASHBOARD_PASSWORD": PASSWORD, "DASHBOARD_READ_ONLY": "false"}
 
 
 def _browse(chromium: str, url: str, screenshot: Path, profile: Path) -> str:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -17,13 +15,10 @@ from redis import Redis
 from rq import Queue
 
 from settings import Settings
-from tests import test_dashboard
 from tests.cdp import Browser
 from tests.conftest import MakeClient
-from tests.helpers import start_process, stop_process, wait_until
 
 API_KEY = "docs-test-key"
-chromium = test_dashboard.chromium
 
 SWAGGER_PATHS = "[...document.querySelectorAll('.opblock-summary-path')].map(e => e.textContent.trim())"
 SEND_EMAIL = "[...document.querySelectorAll('.opblock-post')].find(b => b.querySelector('.opblock-summary-path')?.textContent.trim() === '/send-email')"  # noqa: E501
@@ -31,28 +26,9 @@ RESPONSE_STATUS = f"{SEND_EMAIL}?.querySelector('.live-responses-table tbody .re
 
 
 @pytest.fixture
-def api_url(redis: Redis) -> Iterator[str]:
-    """The real API (`uvicorn app:app`) on a free port, on the test Redis, with an API key set."""
-    port = test_dashboard._free_port()
-    process = start_process(
-        "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-        env={"API_KEY": API_KEY},
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        healthy = lambda: process.poll() is not None or test_dashboard._answers(f"{url}/healthz")  # noqa: E731
-        wait_until(healthy, timeout=30, what="the API to answer")
-        assert process.poll() is None, "uvicorn exited at start"
-        yield url
-    finally:
-        stop_process(process)
-
-
-@pytest.fixture
-def browser(chromium: str, tmp_path: Path) -> Iterator[Browser]:
-    opened = Browser(chromium, tmp_path / "profile")
-    yield opened
-    opened.close()
+def api_env() -> dict[str, str]:
+    """`api_url`'s API with an API key set."""
+    return {"API_KEY": API_KEY}
 
 
 def _click(browser: Browser, selector: str, within: str = "document") -> None:

@@ -164,3 +164,34 @@ def test_send_email_answered_503_wrote_nothing_and_202_holds_its_slot(
             assert RateLimitRegistry(key, connection=redis).get_allowed_job_ids() == [job_id]
         redis.flushdb()  # the test's own server
     assert 503 in outcomes and outcomes[-1] == 202
+
+
+def test_jobs_waiting_for_their_slot_count_toward_a_full_queue(
+    client: TestClient, smtp: MailSink, limited: None, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job waiting for its slot is in no queue; it counts toward `QUEUE_MAX_WAITING` all the same, so a
+    flood to one slow receiver is refused once the backlog is full, through every way in."""
+    monkeypatch.setenv("QUEUE_MAX_WAITING", "4")
+    get_settings.cache_clear()
+    email = {"to": "ann@example.com", "subject": "Hello", "body": "Hi"}
+    ids = [client.post("/send-email", json=email).json()["job_id"] for _ in range(4)]
+    statuses = sorted(client.get(f"/job/{job_id}").json()["status"] for job_id in ids)
+    assert statuses == ["queued", "queued", "rate_limited", "rate_limited"]
+    for fresh in (False, True):  # this process's own count of what it added, then the count read from Redis
+        if fresh:
+            queues._known_lengths.clear()
+        assert client.post("/send-email", json=email).status_code == 429
+        assert client.post("/jobs", json={"task": "send_email", "kwargs": email}).status_code == 429
+        assert client.post("/send-email/batch", json={"emails": [email]}).status_code == 429
+    assert len(redis.keys("rq:job:*")) == 4
+
+
+def test_the_batch_answer_says_which_emails_wait_for_their_slot(
+    client: TestClient, smtp: MailSink, limited: None
+) -> None:
+    email = {"to": "ann@example.com", "subject": "Hello", "body": "Hi"}
+    first = client.post("/send-email/batch", json={"emails": [email] * 3}).json()["jobs"]
+    second = client.post("/send-email/batch", json={"emails": [email]}).json()["jobs"]
+    answered = [job["status"] for job in first + second]
+    assert answered == ["queued", "queued", "rate_limited", "rate_limited"]
+    assert [client.get(job["status_url"]).json()["status"] for job in first + second] == answered

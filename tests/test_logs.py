@@ -30,7 +30,7 @@ from rq.job import Job
 
 from herald import serve
 from herald.infra import metrics
-from herald.infra.logs import REDACTED, log_format_for, setup_logging
+from herald.infra.logs import REDACTED, LogFormat, log_format_for, setup_logging
 from herald.jobs import queues
 from herald.mailsink import MailSink, free_port
 from settings import Settings, get_settings
@@ -116,20 +116,27 @@ def count(found: list[tuple[str, str, str]], logger: str, text: str) -> int:
     return sum(1 for _, name, line in found if name == logger and text in line)
 
 
-def test_log_lines_are_json_with_secrets_redacted(
-    secrets: None, root_logging: None, capsys: pytest.CaptureFixture[str]
-) -> None:
-    setup_logging("INFO")
+def log_secrets(log_format: LogFormat, level: int, extra: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> str:
+    """What `setup_logging` writes, in `log_format`, of a line below its level, a line at `level` with a
+    secret in its message and `extra`, and an exception whose message holds secrets; checked to hold none."""
+    setup_logging("INFO", log_format)
     log = logging.getLogger("test")
     log.debug("below the level: not written")
-    log.info("login with %s", SECRETS["SMTP_PASSWORD"], extra={"delivery_id": "d1", "error": SECRETS["API_KEYS"]})
+    log.log(level, "login with %s", SECRETS["SMTP_PASSWORD"], extra=extra)
     try:
         raise ValueError(f"bad key {WEBHOOK_KEY} for {SECRETS['DASHBOARD_PASSWORD']}")
     except ValueError:
         log.exception("failed with api-key-Tc5Hy6")
     output = capsys.readouterr().err
     assert_no_secret(output)
-    first, second = parse_lines(output)
+    return output
+
+
+def test_log_lines_are_json_with_secrets_redacted(
+    secrets: None, root_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = {"delivery_id": "d1", "error": SECRETS["API_KEYS"]}
+    first, second = parse_lines(log_secrets("json", logging.INFO, extra, capsys))
     assert (first["level"], first["logger"], first["delivery_id"]) == ("INFO", "test", "d1")
     assert first["message"] == f"login with {REDACTED}" and first["error"] == f"{REDACTED},{REDACTED}"
     assert second["level"] == "ERROR" and second["message"] == f"failed with {REDACTED}"
@@ -150,18 +157,8 @@ def test_the_single_api_key_is_redacted_too(
 def test_console_lines_show_time_level_process_message_and_fields_with_secrets_redacted(
     secrets: None, root_logging: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    setup_logging("INFO", "console")
-    log = logging.getLogger("test")
-    log.debug("below the level: not written")
     extra = {"delivery_id": "d1", "error": f"PermanentError: {SECRETS['API_KEYS']}", "attempt": 2}
-    log.warning("login with %s", SECRETS["SMTP_PASSWORD"], extra=extra)
-    try:
-        raise ValueError(f"bad key {WEBHOOK_KEY} for {SECRETS['DASHBOARD_PASSWORD']}")
-    except ValueError:
-        log.exception("failed with api-key-Tc5Hy6")
-    output = capsys.readouterr().err
-    assert_no_secret(output)
-    first, second, *traceback_lines = output.splitlines()
+    first, second, *traceback_lines = log_secrets("console", logging.WARNING, extra, capsys).splitlines()
     header = CONSOLE_LINE.fullmatch(first)
     assert header and (header["level"], header["pid"], header["logger"]) == ("WARNING", str(os.getpid()), "test")
     assert (
@@ -385,12 +382,8 @@ def deliver_every_outcome(
 OUTCOMES = {("email", "retrying"), ("email", "delivered"), ("webhook", "failed"), ("in_app", "delivered")}
 
 
-def test_worker_logs_each_delivery_outcome_as_json_without_secrets(
-    worker_output: Path, client: TestClient, smtp: MailSink, webhooks: Receiver, redis: Redis
-) -> None:
-    deliveries, leaky_id = deliver_every_outcome(client, smtp, webhooks, redis)
-    output = worker_output.read_text()
-    assert_no_secret(output)
+def assert_json_outcomes(output: str, deliveries: dict[str, str], leaky_id: str) -> None:
+    """Each delivery outcome once, as a JSON line with the job's context; the leaky job's line redacted."""
     entries = parse_lines(output)
     assert any(REDACTED in entry["message"] and entry.get("job_id") == leaky_id for entry in entries)
     outcomes = {(e["channel"], e["outcome"]): e for e in entries if e.get("logger") == "tasks" and "outcome" in e}
@@ -407,13 +400,8 @@ def test_worker_logs_each_delivery_outcome_as_json_without_secrets(
     assert outcomes[("webhook", "failed")]["error"].startswith("PermanentError: ")
 
 
-@pytest.mark.parametrize("log_format", ["console"])
-def test_worker_console_lines_show_each_delivery_outcome_without_secrets(
-    worker_output: Path, client: TestClient, smtp: MailSink, webhooks: Receiver, redis: Redis
-) -> None:
-    deliveries, leaky_id = deliver_every_outcome(client, smtp, webhooks, redis)
-    output = worker_output.read_text()
-    assert_no_secret(output)
+def assert_console_outcomes(output: str, deliveries: dict[str, str], leaky_id: str) -> None:
+    """Each delivery outcome once, as a console line with its fields; the leaky job's traceback redacted."""
     entries = console_entries(output)
     header = f"job {leaky_id}: exception raised"
     failed = [rest for line, rest in entries if header in line["text"] and f" job_id={leaky_id}" in line["text"]]
@@ -422,3 +410,16 @@ def test_worker_console_lines_show_each_delivery_outcome_without_secrets(
     for channel, outcome in OUTCOMES:
         fields = f"delivery_id={deliveries[channel]} correlation_id=req-logs-1 channel={channel} outcome={outcome}"
         assert [line["logger"] for line in lines if fields in line["text"]] == ["tasks"], (channel, outcome)
+
+
+ASSERT_OUTCOMES = {"json": assert_json_outcomes, "console": assert_console_outcomes}
+
+
+@pytest.mark.parametrize("log_format", list(ASSERT_OUTCOMES))
+def test_worker_logs_each_delivery_outcome_without_secrets(
+    log_format: str, worker_output: Path, client: TestClient, smtp: MailSink, webhooks: Receiver, redis: Redis
+) -> None:
+    deliveries, leaky_id = deliver_every_outcome(client, smtp, webhooks, redis)
+    output = worker_output.read_text()
+    assert_no_secret(output)
+    ASSERT_OUTCOMES[log_format](output, deliveries, leaky_id)

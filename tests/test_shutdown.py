@@ -67,7 +67,7 @@ def test_the_job_of_a_killed_stock_rq_worker_is_found_by_the_schedulers_sweep(
     _set(monkeypatch, RECOVERY_SWEEP_SECONDS="1")
     processes("scheduler.py")
     stock = processes("rq", "worker", "--url", env["REDIS_URL"], "default", wait_for_workers=1)
-    job = _enqueue(redis, fixtures.sleep_on_first_run, 60)
+    job = _enqueue(redis, fixtures.count_runs, 60, True)  # a minute, on its first run only
     wait_until(lambda: _runs(redis, job) == 1, what="the job to start")
     kill_worker(stock)  # with its work-horse
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
 from email.message import EmailMessage
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -18,15 +16,12 @@ from herald.mailsink import MailSink
 from herald.notify import unsubscribe
 from herald.notify.unsubscribe import Subscription, make_token, read_token
 from settings import get_settings
-from tests import test_dashboard
 from tests.cdp import Browser
-from tests.helpers import start_process, stop_process, wait_until
 from tests.test_preferences import _notify, _put, _wait_status
 
 SECRET = "a-secret-of-our-own"
 ANN = Subscription("ann", "marketing", "email")
 API_KEY = "unsubscribe-test-key"
-chromium = test_dashboard.chromium
 
 
 def _b64(raw: bytes) -> str:
@@ -179,28 +174,9 @@ def test_the_schema_marks_the_unsubscribe_routes_open(client: TestClient) -> Non
 
 
 @pytest.fixture
-def api_url(redis: Redis) -> Iterator[str]:
-    """The real API (`uvicorn app:app`) on a free port, on the test Redis, with an API key set."""
-    port = test_dashboard._free_port()
-    process = start_process(
-        "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-        env={"API_KEY": API_KEY},
-    )  # fmt: skip
-    try:
-        url = f"http://127.0.0.1:{port}"
-        healthy = lambda: process.poll() is not None or test_dashboard._answers(f"{url}/healthz")  # noqa: E731
-        wait_until(healthy, what="the API to answer")
-        assert process.poll() is None, "uvicorn exited at start"
-        yield url
-    finally:
-        stop_process(process)
-
-
-@pytest.fixture
-def browser(chromium: str, tmp_path: Path) -> Iterator[Browser]:
-    opened = Browser(chromium, tmp_path / "profile")
-    yield opened
-    opened.close()
+def api_env() -> dict[str, str]:
+    """`api_url`'s API with an API key set."""
+    return {"API_KEY": API_KEY}
 
 
 def test_the_page_button_unsubscribes_in_a_browser(api_url: str, browser: Browser, redis: Redis) -> None:

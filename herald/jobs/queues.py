@@ -91,13 +91,14 @@ LENGTH_FRESH_SECONDS = 0.5
 
 
 def ensure_capacity(queue: Queue) -> None:
-    """Backpressure: refuse new work once `queue` holds `QUEUE_MAX_WAITING` waiting jobs.
+    """Backpressure: refuse new work once `queue` holds `QUEUE_MAX_WAITING` waiting jobs, counting those
+    waiting for a destination slot (`limits.waiting`).
 
-    The length (one LLEN) is read again only when the last look is older than half a second or was
+    The length (one script) is read again only when the last look is older than half a second or was
     within a tenth of the limit, so a busy API skips that round trip while the queue is far from full.
     """
     if _length_is_stale(queue.name):
-        _known_lengths[queue.name] = (time.monotonic(), int(queue.connection.llen(queue.key)))
+        _known_lengths[queue.name] = (time.monotonic(), limits.waiting(queue))
     if _is_full(queue.name):
         metrics_hooks.record_rejection(queue.name)
         raise _queue_full(queue.name)
@@ -106,7 +107,7 @@ def ensure_capacity(queue: Queue) -> None:
 async def ensure_capacity_async(queue: Queue) -> None:
     """`ensure_capacity` through the asyncio client."""
     if _length_is_stale(queue.name):
-        waiting = int(await connections.async_redis_client().llen(queue.key))
+        waiting = await limits.waiting_async(queue)
         _known_lengths[queue.name] = (time.monotonic(), waiting)
     if _is_full(queue.name):
         await asyncio.to_thread(metrics_hooks.record_rejection, queue.name)
@@ -128,11 +129,11 @@ def _queue_full(queue_name: str) -> QueueFullError:
     return QueueFullError(queue_name, _known_lengths[queue_name][1], settings.queue_full_retry_after_seconds)
 
 
-def _count_own_enqueue(queue_name: str) -> None:
+def _count_own_enqueue(queue_name: str, count: int = 1) -> None:
     """Keep this process's last look at the queue's length up to date with what it adds itself."""
     if queue_name in _known_lengths:
         read_at, waiting = _known_lengths[queue_name]
-        _known_lengths[queue_name] = (read_at, waiting + 1)
+        _known_lengths[queue_name] = (read_at, waiting + count)
 
 
 _JITTER = random.Random()
@@ -245,8 +246,9 @@ def _write(
 
 
 @accepting
-def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> list[str]:
-    """Queue many already-validated emails at once: one capacity check, one transaction; their ids.
+def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> dict[str, JobStatus]:
+    """Queue many already-validated emails at once: one capacity check, one transaction; their ids and
+    statuses, in order (`rate_limited` for those waiting for a slot of the SMTP server's).
 
     RQ's objects take about 115 µs to build and write each job here. A batch is written as RQ would
     write it, from one job that RQ builds: each job's hash is a COPY of that job's hash with its own
@@ -261,7 +263,8 @@ def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> list[s
     if model.has_rate_limit:
         enqueue.mark_rate_limited(model)  # each waits for its slot: `limits.submit_many`
     ids, copy = [str(uuid4()) for _ in messages], queue.get_redis_server_version() >= (6, 2, 0)
-    with transaction() as pipeline:
+    with get_redis().pipeline() as pipeline:  # a `transaction` whose replies say which jobs got a slot
+        pipeline.multi()
         template: dict[Any, Any] = model.to_dict()
         if copy:
             pipeline.hset(model.key, mapping=template)
@@ -272,12 +275,15 @@ def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> list[s
             pipeline.hset(model.key_for(job_id), mapping=own if copy else {**template, **own})
         pipeline.delete(model.key)
         pipeline.sadd(queue.redis_queues_keys, queue.key)
+        metrics.jobs_submitted(pipeline, "send_email", len(ids))
         if model.has_rate_limit:
-            limits.submit_many(queue, model, ids, pipeline)
+            limits.submit_many(queue, model, ids, pipeline)  # last: its reply, the jobs promoted
         else:
             pipeline.rpush(queue.key, *ids)
-        metrics.jobs_submitted(pipeline, "send_email", len(ids))
-    return ids
+        replies = pipeline.execute()
+    _count_own_enqueue(queue.name, len(ids))
+    promoted = limits.promoted(replies[-1]) if model.has_rate_limit else set(ids)
+    return {job_id: JobStatus.QUEUED if job_id in promoted else JobStatus.RATE_LIMITED for job_id in ids}
 
 
 def _own_fields(model: Job, kwargs: dict[str, Any], settings: Settings) -> dict[Any, Any]:
@@ -327,6 +333,7 @@ def submit(queue: Queue, job: Job, due: datetime | None, pipeline: Pipeline, rec
     metrics.job_submitted(pipeline, job)
     if due is None and job.has_rate_limit:
         (limits.submit_recorded if recorded else limits.submit)(queue, job, pipeline)
+        _count_own_enqueue(queue.name)
         return
     if due is None:
         queue.enqueue_job(job, pipeline=pipeline)

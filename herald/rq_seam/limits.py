@@ -26,28 +26,52 @@ from urllib.parse import urlsplit
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import NoScriptError
 from rq import Queue, RateLimit
+from rq.defaults import RQ_KEY_PREFIX
 from rq.job import Job, JobStatus
 from rq.rate_limit import ACQUIRE_AND_ENQUEUE_SCRIPT, RateLimitRegistry
 from rq.utils import current_timestamp, now, utcformat
 
-from herald.infra import keys
+from herald.infra import connections, keys
 from herald.rq_seam import replay
 from settings import Settings
 
-REPLAY_AND_ACQUIRE_SCRIPT = (
-    """
-local i = 6
-while i <= #ARGV do
-  local count = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + count))
-  i = i + count + 1
-end
-"""
-    + ACQUIRE_AND_ENQUEUE_SCRIPT
-)
-"""`replay.REPLAY_SCRIPT` on the words after RQ's five arguments, then RQ's own slot script on those."""
+REPLAY_AND_ACQUIRE_SCRIPT = replay.replay_loop(6) + ACQUIRE_AND_ENQUEUE_SCRIPT
+"""The replay loop on the words after RQ's five arguments, then RQ's own slot script on those."""
 _REPLAY_AND_ACQUIRE_SHA = hashlib.sha1(REPLAY_AND_ACQUIRE_SCRIPT.encode()).hexdigest()
+
+WAITING_SCRIPT = """
+local waiting = redis.call('LLEN', KEYS[1])
+for _, key in ipairs(redis.call('SMEMBERS', ARGV[1])) do
+  waiting = waiting + redis.call('ZCARD', ARGV[2] .. key .. ARGV[3])
+end
+return waiting
+"""
+"""The length of the queue KEYS[1] plus the jobs waiting for a slot of any key (RQ's `rq:rl-keys`)."""
+_WAITING_SHA = hashlib.sha1(WAITING_SCRIPT.encode()).hexdigest()
+_WAITING_ARGS = (RateLimitRegistry.rl_keys_key, f"{RQ_KEY_PREFIX}:rl:", ":rate_limited")
+
+
+def waiting(queue: Queue) -> int:
+    """The jobs waiting in `queue`, plus those waiting for a slot, in one round trip: those are in no
+    queue until promoted, and a flood to one slow receiver must fill the backlog all the same.
+
+    A waiting job's queue is known only from its hash, so every key's waiting jobs count toward every
+    queue (one ZCARD a key, where reading each job's queue would cost one read a job)."""
+    try:
+        return int(queue.connection.evalsha(_WAITING_SHA, 1, queue.key, *_WAITING_ARGS))
+    except NoScriptError:
+        return int(queue.connection.eval(WAITING_SCRIPT, 1, queue.key, *_WAITING_ARGS))
+
+
+async def waiting_async(queue: Queue) -> int:
+    """`waiting` through the asyncio client."""
+    client = connections.async_redis_client()
+    try:
+        return int(await client.evalsha(_WAITING_SHA, 1, queue.key, *_WAITING_ARGS))
+    except NoScriptError:
+        return int(await client.eval(WAITING_SCRIPT, 1, queue.key, *_WAITING_ARGS))
 
 
 def for_webhook(url: str, settings: Settings) -> RateLimit:
@@ -136,10 +160,16 @@ async def execute_async(recorded: Pipeline, job: Job, replicas: int = 0, timeout
 
 def submit_many(queue: Queue, model: Job, ids: list[str], pipeline: Pipeline) -> None:
     """The end of a batch of jobs made like `model` (their hashes written `rate_limited`): all added to
-    the key's waiting set in their order, then as many promoted as the key has free slots."""
+    the key's waiting set in their order, then as many promoted as the key has free slots (the reply
+    of its last command, `promoted`)."""
     assert model.rate_limit_key and model.rate_limit_concurrency
     registry = RateLimitRegistry.from_job(model)
     start = time.time()
     registry.register(model.rate_limit_concurrency, pipeline)
     pipeline.zadd(registry.rate_limited_key, {job_id: start + n * 1e-5 for n, job_id in enumerate(ids)})
     registry.acquire_and_enqueue(model.rate_limit_concurrency, pipeline=pipeline)
+
+
+def promoted(reply: list[bytes | str]) -> set[str]:
+    """The ids of the jobs that RQ's slot script (the last command of `submit_many`) promoted."""
+    return {job_id.decode() if isinstance(job_id, bytes) else job_id for job_id in reply}

@@ -46,7 +46,7 @@ from rq import Queue, SimpleWorker, Worker, worker_registration
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job, JobStatus
-from rq.rate_limit import RELEASE_AND_ENQUEUE_SCRIPT
+from rq.rate_limit import RELEASE_AND_ENQUEUE_SCRIPT, RateLimitRegistry
 from rq.registry import StartedJobRegistry, clean_registries
 from rq.results import Result
 from rq.serializers import Serializer
@@ -800,7 +800,21 @@ def sweep(connection: Redis) -> list[str]:
     """One recovery pass over every queue, for when no worker is alive to run RQ's maintenance."""
     recovered = recover_claims(connection)
     clean_started(connection)
+    release_stale_slots(connection)
     return recovered
+
+
+def release_stale_slots(connection: Redis) -> None:
+    """The per-destination part of RQ's maintenance (`clean_registries` ends with it): each key's
+    slots held by jobs that no longer need one (ended, failed, scheduled or deleted, by a worker that
+    died before giving the slot back) are freed, waiting jobs are promoted into free slots, and keys
+    with no job left are dropped.
+
+    After `clean_started`: an abandoned job it requeues is `queued` and keeps its slot, as RQ's own
+    cleanup leaves it; one it fails has had its slot given back by that cleanup already.
+    """
+    for registry in RateLimitRegistry.all(connection):
+        registry.cleanup()
 
 
 def sent_marker(job: Job | None) -> str | None:

@@ -17,17 +17,23 @@ from redis.exceptions import NoScriptError, RedisError
 from herald.exceptions import NotReplicatedError
 from herald.infra import connections
 
-REPLAY_SCRIPT = """
-local i = 1
+
+def replay_loop(first_argv: int) -> str:
+    """Lua that runs the commands in ARGV from ARGV[first_argv] on, each as its word count followed by
+    its words; a script's arguments of its own come before them."""
+    return f"""
+local i = {first_argv}
 while i <= #ARGV do
   local count = tonumber(ARGV[i])
   redis.call(unpack(ARGV, i + 1, i + count))
   i = i + count + 1
 end
-return i
 """
-"""Run the commands in ARGV, each as its word count followed by its words, in one atomic step. Its keys
-are not declared, which Redis Cluster would refuse; RQ does not run on a cluster either."""
+
+
+REPLAY_SCRIPT = replay_loop(1) + "return i\n"
+"""Run the commands in ARGV in one atomic step. Their keys are not declared, which Redis Cluster would
+refuse; RQ does not run on a cluster either."""
 _REPLAY_SHA = hashlib.sha1(REPLAY_SCRIPT.encode()).hexdigest()
 
 
