@@ -130,10 +130,11 @@ UNCAPPED = "worker.py, WORKER_THREADS=8, SMTP_CONCURRENCY=16"
 """The same with the SMTP server's limit at 16, as dramatiq has none."""
 SHAPES = {
     f"worker.py, {count} x {threads} threads": (("WORKER_COUNT", str(count)), ("WORKER_THREADS", str(threads)))
-    for count, threads in ((2, 8), (1, 16), (2, 1))
+    for count, threads in ((2, 12), (2, 8), (1, 16), (2, 1))
 }
-"""Other shapes of the same worker, processes x threads per process (the default: 1 x 24): dramatiq's 16
-in flight, split as dramatiq splits them and in one process; and one job at a time per process."""
+"""Other shapes of the same worker, processes x threads per process (the default: 1 x 24): the default's 24
+in flight over one process per core; dramatiq's 16 in flight, split as dramatiq splits them and in one
+process; and one job at a time per process."""
 DELIVERY_SETUPS = ("dramatiq, its defaults", "worker.py, default set-up", *SHAPES)
 EMAIL_SETUPS = (
     "dramatiq, its defaults",
