@@ -20,7 +20,7 @@ from rq import Queue, SimpleWorker
 from rq.job import Job
 
 from herald.api.dashboard import mount_dashboard
-from settings import get_settings
+from settings import Settings
 from tests.helpers import start_process, stop_process, wait_until
 
 USER, PASSWORD = "admin", "s3cret-pass"
@@ -37,16 +37,14 @@ def dashboard(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> Iterator[MakeDas
         monkeypatch.setenv("DASHBOARD_USERNAME", USER)
         monkeypatch.setenv("DASHBOARD_PASSWORD", password)
         monkeypatch.setenv("DASHBOARD_READ_ONLY", str(read_only).lower())
-        get_settings.cache_clear()
         app = FastAPI()
-        mount_dashboard(app, get_settings())
+        mount_dashboard(app, Settings())
         clients.append(TestClient(app, raise_server_exceptions=False))
         return clients[-1]
 
     yield make
     for client in clients:
         client.close()
-    get_settings.cache_clear()
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from redis import Redis
+from redis import asyncio as aioredis
 from redis.client import Pipeline
 from rq import Queue, RateLimit
 from rq.job import Job, JobStatus
@@ -103,7 +104,9 @@ def _registry(key: str, connection: Redis) -> RateLimitRegistry:
     return RateLimitRegistry(key, connection=connection)
 
 
-async def execute_async(recorded: Pipeline, job: Job, replicas: int = 0, timeout_ms: int = 0) -> None:
+async def execute_async(
+    client: aioredis.Redis, recorded: Pipeline, job: Job, replicas: int = 0, timeout_ms: int = 0
+) -> None:
     """Apply `recorded` (holding `submit_recorded`'s commands) and ask for `job`'s slot as RQ's
     `acquire_and_enqueue` does, in one script (`replay.execute_async`, with its `WAIT` for
     replicas); the job's status follows.
@@ -116,7 +119,7 @@ async def execute_async(recorded: Pipeline, job: Job, replicas: int = 0, timeout
     leading: tuple[Any, ...] = (2, registry.allowed_key, registry.rate_limited_key, job.rate_limit_concurrency)
     leading += (time.time(), utcformat(enqueued_at), Queue.redis_queue_namespace_prefix, Job.redis_job_namespace_prefix)
     script = replay.Replay(REPLAY_AND_ACQUIRE_SCRIPT, _REPLAY_AND_ACQUIRE_SHA, leading)
-    promoted = await replay.execute_async(recorded, replicas, timeout_ms, script)
+    promoted = await replay.execute_async(client, recorded, replicas, timeout_ms, script)
     if job.id.encode() in promoted:
         job._status, job.enqueued_at = JobStatus.QUEUED, enqueued_at
 
