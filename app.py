@@ -1,4 +1,5 @@
-"""The HTTP producer: validate the request, call one function in `queues`, shape the answer."""
+"""The HTTP producer: validate the request, call one function in `queues` with the app's settings
+(`AppSettings`), shape the answer."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from herald.api import idempotency, inbox
 from herald.api.dashboard import mount_dashboard
 from herald.api.lazy import LazyApp
 from herald.api.security import DOCS_ASSETS_PATH, ApiKeyMiddleware, BodyLimitMiddleware, is_open
+from herald.api.state import AppSettings
 from herald.exceptions import (
     IdempotencyConflict,
     JobNotFoundError,
@@ -65,6 +67,7 @@ from herald.schemas import (
     Preferences,
     Priority,
     Problem,
+    Schedule,
     SendEmailBatch,
     SendEmailRequest,
     Unsubscribed,
@@ -79,17 +82,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in 
 """Every operation's error answers: 400 a body that is not JSON, 413 a body over MAX_BODY_BYTES, and the rest."""
 
 
-def mcp_http_app() -> Starlette:
-    """MCP over streamable HTTP, mounted at /mcp/ below. Made on the first MCP request: the MCP SDK and
-    FastMCP are most of what the API would otherwise import, for a route few clients use."""
+def mcp_http_app(settings: Settings) -> Starlette:
+    """MCP over streamable HTTP, mounted at /mcp/ by `create_app`. Made on the first MCP request: the MCP
+    SDK and FastMCP are most of what the API would otherwise import, for a route few clients use."""
     from herald.api import mcp_server
 
-    mcp_app = mcp_server.mcp.http_app(path="/")
+    mcp_app = mcp_server.build(settings).http_app(path="/")
     gc.freeze()  # the modules just imported, out of the collector's walks too (see `lifespan`)
     return mcp_app
-
-
-mcp_app = LazyApp(mcp_http_app, "the MCP server")
 
 
 @asynccontextmanager
@@ -103,7 +103,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not gc.get_freeze_count():
         gc.freeze()
     try:
-        async with mcp_app.running():
+        async with app.state.mcp_app.running():
             yield
     finally:
         await connections.close_async_clients()
@@ -205,13 +205,25 @@ IdempotencyKey = Annotated[
 ]
 
 
-def _idempotent(scope: str, key: str | None, body: BaseModel, make: Callable[[], BaseModel]) -> dict[str, Any]:
+def within_horizon(settings: Settings, body: Schedule) -> None:
+    """A due time beyond `SCHEDULE_HORIZON_DAYS` or too far in the past: FastAPI's 422, as if the body's
+    own validation had refused it (the schema cannot see the app's settings)."""
+    problem = body.schedule_problem(settings)
+    if problem is not None:
+        given = body.model_dump(mode="json", exclude_unset=True, by_alias=True)
+        error = {"type": "value_error", "loc": ("body",), "msg": f"Value error, {problem}", "input": given}
+        raise RequestValidationError([{**error, "ctx": {"error": ValueError(problem)}}], body=given)
+
+
+def _idempotent(
+    settings: Settings, scope: str, key: str | None, body: BaseModel, make: Callable[[], BaseModel]
+) -> dict[str, Any]:
     """Run `make` once per Idempotency-Key and body; repeat the first answer for the same key."""
     answer = body.model_dump(mode="json")
     if key is None:
         return make().model_dump(mode="json", exclude_none=True)
-    with queues.replicated():  # a repeated answer too: only once replicas have what it names
-        connection, digest = queues.get_redis(), idempotency.body_hash(answer)
+    with queues.replicated(settings):  # a repeated answer too: only once replicas have what it names
+        connection, digest = queues.get_redis(settings), idempotency.body_hash(answer)
         first = idempotency.claim(connection, scope, key, digest)
         if first is not None:
             return first
@@ -236,36 +248,43 @@ def _task_errors() -> Iterator[None]:
         raise HTTPException(422, [{**error, "loc": ["body", "kwargs", *error["loc"]]} for error in errors]) from None
 
 
-def _enqueue(task: str, kwargs: dict[str, Any], priority: Priority, due: datetime | None = None) -> JobAccepted:
+def _enqueue(
+    settings: Settings, task: str, kwargs: dict[str, Any], priority: Priority, due: datetime | None = None
+) -> JobAccepted:
     with _task_errors():
-        return queues.job_accepted(queues.enqueue_task(task, kwargs, priority, due))
+        return queues.job_accepted(queues.enqueue_task(settings, task, kwargs, priority, due))
 
 
 @router.post("/send-email", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)
-async def send_email(request: SendEmailRequest, idempotency_key: IdempotencyKey = None) -> dict[str, Any] | Response:
+async def send_email(
+    request: SendEmailRequest, http: Request, idempotency_key: IdempotencyKey = None
+) -> dict[str, Any] | Response:
     """Queue one email, now or later; a worker sends it, retrying transient failures with backoff.
 
     On the event loop, with one round trip to Redis (the hot path); with an Idempotency-Key, in a
     thread through the blocking client, as the other routes.
     """
+    settings: Settings = http.app.state.settings  # not `AppSettings`: no dependency to solve on the hot path
+    within_horizon(settings, request)
     if idempotency_key is not None:
         arguments = request.model_dump(include=set(EmailArgs.model_fields))
-        make = lambda: _enqueue("send_email", arguments, request.priority, request.due_at())  # noqa: E731
-        return await run_in_threadpool(_idempotent, "send-email", idempotency_key, request, make)
+        make = lambda: _enqueue(settings, "send_email", arguments, request.priority, request.due_at())  # noqa: E731
+        return await run_in_threadpool(_idempotent, settings, "send-email", idempotency_key, request, make)
     with _task_errors():
-        job = await queues.enqueue_task_async("send_email", request, request.priority, request.due_at())
+        job = await queues.enqueue_task_async(settings, "send_email", request, request.priority, request.due_at())
     accepted = queues.job_accepted(job).model_dump_json(exclude_none=True)  # a JobAccepted already: not checked again
     return Response(accepted, status_code=202, media_type="application/json")
 
 
 @router.post("/send-email/batch", status_code=202, response_model=JobsAccepted, response_model_exclude_none=True)
-def send_email_batch(request: SendEmailBatch) -> Response:
+def send_email_batch(settings: AppSettings, request: SendEmailBatch) -> Response:
     """Queue up to 1,000 emails in one request and one Redis transaction (all or none).
 
     The answer (`JobsAccepted`) is written directly: its values are ids made here and the validated
     priority, and checking a thousand of them against the model again cost a tenth of the request.
     """
-    statuses = queues.enqueue_emails([email.model_dump(mode="json") for email in request.emails], request.priority)
+    emails = [email.model_dump(mode="json") for email in request.emails]
+    statuses = queues.enqueue_emails(settings, emails, request.priority)
     accepted = [
         {"job_id": id_, "status": status.value, "queue": request.priority, "status_url": f"/job/{id_}"}
         for id_, status in statuses.items()
@@ -274,72 +293,77 @@ def send_email_batch(request: SendEmailBatch) -> Response:
 
 
 @router.get("/send-email/{email}", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)
-def send_welcome_email(email: str) -> JobAccepted:
+def send_welcome_email(settings: AppSettings, email: str) -> JobAccepted:
     """Browser-friendly: queue a welcome email to the address in the path."""
     try:
         message = EmailArgs(to=email, subject="Welcome!", body="Thanks for signing up.")
     except ValidationError as exc:
         raise HTTPException(422, exc.errors(include_url=False, include_context=False)) from None
-    return _enqueue("send_email", message.model_dump(), "default")
+    return _enqueue(settings, "send_email", message.model_dump(), "default")
 
 
 @router.post("/jobs", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)
-def create_job(request: JobRequest) -> JobAccepted:
+def create_job(settings: AppSettings, request: JobRequest) -> JobAccepted:
     """Queue any task registered in `tasks.TASKS`, now or later; an unknown name is refused."""
-    return _enqueue(request.task, request.kwargs, request.priority, request.due_at())
+    within_horizon(settings, request)
+    return _enqueue(settings, request.task, request.kwargs, request.priority, request.due_at())
 
 
 @router.get("/jobs/failed", response_model=JobPage)
 def list_failed_jobs(
+    settings: AppSettings,
     queue: Priority | None = None,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobPage:
     """Failed jobs with their error, newest first; all queues unless one is named."""
-    total, jobs = queues.failed_jobs(queue, offset, limit)
+    total, jobs = queues.failed_jobs(settings, queue, offset, limit)
     return JobPage(total=total, offset=offset, limit=limit, jobs=[queues.job_view(job) for job in jobs])
 
 
 @router.get("/jobs/scheduled", response_model=JobPage)
 def list_scheduled_jobs(
+    settings: AppSettings,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobPage:
     """Jobs waiting for their time, soonest first: delayed jobs and retries waiting out their backoff."""
-    total, jobs = queues.scheduled_jobs(offset, limit)
+    total, jobs = queues.scheduled_jobs(settings, offset, limit)
     return JobPage(total=total, offset=offset, limit=limit, jobs=[queues.job_view(job) for job in jobs])
 
 
 @router.get("/jobs/periodic", response_model=PeriodicJobList)
-def list_periodic_jobs() -> PeriodicJobList:
+def list_periodic_jobs(settings: AppSettings) -> PeriodicJobList:
     """Each periodic job (declared in `cron.py`) with its schedule, its last run and its next run."""
-    return cron.periodic_jobs(queues.get_redis())
+    return cron.periodic_jobs(queues.get_redis(settings))
 
 
 @router.get("/job/{job_id}", response_model=JobView)
-def get_job(job_id: JobId) -> JobView:
-    return queues.job_view(queues.fetch_job(job_id))
+def get_job(settings: AppSettings, job_id: JobId) -> JobView:
+    return queues.job_view(queues.fetch_job(settings, job_id))
 
 
 @router.delete("/job/{job_id}", response_model=JobView)
-def cancel_job(job_id: JobId) -> JobView:
+def cancel_job(settings: AppSettings, job_id: JobId) -> JobView:
     """Cancel a job that has not started yet (409 once it has run)."""
-    return queues.job_view(queues.cancel_job(job_id))
+    return queues.job_view(queues.cancel_job(settings, job_id))
 
 
 @router.post("/job/{job_id}/requeue", status_code=202, response_model=JobView)
-def requeue_job(job_id: JobId) -> JobView:
+def requeue_job(settings: AppSettings, job_id: JobId) -> JobView:
     """Put a failed job back on its queue with its retries restored."""
-    return queues.job_view(queues.requeue_job(job_id))
+    return queues.job_view(queues.requeue_job(settings, job_id))
 
 
 @router.post("/notifications", status_code=202, response_model=NotificationAccepted)
 def create_notification(
-    body: NotificationRequest, request: Request, idempotency_key: IdempotencyKey = None
+    settings: AppSettings, body: NotificationRequest, request: Request, idempotency_key: IdempotencyKey = None
 ) -> dict[str, Any]:
     """Notify a user over one or more channels; each channel's delivery is its own job and record."""
+    within_horizon(settings, body)
     correlation = request.state.correlation_id
-    return _idempotent("notifications", idempotency_key, body, lambda: dispatch.create_notification(body, correlation))
+    make = lambda: dispatch.create_notification(settings, body, correlation)  # noqa: E731
+    return _idempotent(settings, "notifications", idempotency_key, body, make)
 
 
 NotificationId = Annotated[str, Path(pattern=NOTIFICATION_ID_PATTERN)]
@@ -352,27 +376,27 @@ def _found(view: NotificationView | None, notification_id: str) -> NotificationV
 
 
 @router.get("/notifications/{notification_id}", response_model=NotificationView)
-def get_notification(notification_id: NotificationId) -> NotificationView:
+def get_notification(settings: AppSettings, notification_id: NotificationId) -> NotificationView:
     """The notification and each delivery: status, attempts, next retry, last error."""
-    return _found(dispatch.get_notification(notification_id), notification_id)
+    return _found(dispatch.get_notification(settings, notification_id), notification_id)
 
 
 @router.delete("/notifications/{notification_id}", response_model=NotificationView)
-def cancel_notification(notification_id: NotificationId) -> NotificationView:
+def cancel_notification(settings: AppSettings, notification_id: NotificationId) -> NotificationView:
     """Cancel every delivery that has not been made yet."""
-    return _found(dispatch.cancel_notification(notification_id), notification_id)
+    return _found(dispatch.cancel_notification(settings, notification_id), notification_id)
 
 
 @router.post("/notifications/{notification_id}/deliveries/{channel}/retry", status_code=202)
-def retry_delivery(notification_id: NotificationId, channel: ChannelName) -> NotificationView:
+def retry_delivery(settings: AppSettings, notification_id: NotificationId, channel: ChannelName) -> NotificationView:
     """Retry a failed delivery now, with a fresh attempt budget (409 unless it failed)."""
-    return _found(dispatch.retry_delivery(notification_id, channel), notification_id)
+    return _found(dispatch.retry_delivery(settings, notification_id, channel), notification_id)
 
 
 @router.get("/digests/{delivery_id}", response_model=DigestView)
-def get_digest(delivery_id: NotificationId) -> DigestView:
+def get_digest(settings: AppSettings, delivery_id: NotificationId) -> DigestView:
     """A digest (the `digest_delivery_id` of its notifications' deliveries): its notifications and its delivery."""
-    view = dispatch.get_digest(delivery_id)
+    view = dispatch.get_digest(settings, delivery_id)
     if view is None:
         raise HTTPException(404, f"no digest with delivery id {delivery_id!r}")
     return view
@@ -382,25 +406,27 @@ UserId = Annotated[str, Path(pattern=ID_PATTERN)]
 
 
 @router.put("/users/{user_id}/contact", response_model=ContactView)
-def save_contact(user_id: UserId, contact: UserContact) -> ContactView:
+def save_contact(settings: AppSettings, user_id: UserId, contact: UserContact) -> ContactView:
     """Store where a user's email (`to`) and webhook notifications go when a request names no target."""
     if contact.webhook_url:
-        dispatch.check_webhook_url(contact.webhook_url)
-    notifications.save_contact(queues.get_redis(), user_id, {"email": contact.to, "webhook_url": contact.webhook_url})
+        dispatch.check_webhook_url(settings, contact.webhook_url)
+    notifications.save_contact(
+        queues.get_redis(settings), user_id, {"email": contact.to, "webhook_url": contact.webhook_url}
+    )
     return ContactView.of(contact.to, contact.webhook_url)
 
 
 @router.put("/users/{user_id}/preferences", response_model=Preferences)
-def save_preferences(user_id: UserId, wishes: Preferences) -> Preferences:
+def save_preferences(settings: AppSettings, user_id: UserId, wishes: Preferences) -> Preferences:
     """Replace a user's preferences; parts left out take their defaults (every channel on, no topic
     exceptions, no quiet hours). The answer is what is stored, every channel listed."""
-    return dispatch.save_preferences(user_id, wishes)
+    return dispatch.save_preferences(settings, user_id, wishes)
 
 
 @router.get("/users/{user_id}/preferences", response_model=Preferences)
-def get_preferences(user_id: UserId) -> Preferences:
+def get_preferences(settings: AppSettings, user_id: UserId) -> Preferences:
     """A user's preferences; the defaults for a user who never stored any."""
-    return dispatch.get_preferences(user_id)
+    return dispatch.get_preferences(settings, user_id)
 
 
 UnsubscribeToken = Annotated[str, Path(max_length=800, description="the signed token from an email's link")]
@@ -411,10 +437,10 @@ HTML_ANSWERS: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("/unsubscribe/{token}", responses=HTML_ANSWERS)
-def unsubscribe_page(token: UnsubscribeToken) -> HTMLResponse:
+def unsubscribe_page(settings: AppSettings, token: UnsubscribeToken) -> HTMLResponse:
     """A page with one button that unsubscribes; opening it changes nothing (mail scanners open links).
     Needs no API key."""
-    subscription = dispatch.read_unsubscribe_token(token)
+    subscription = dispatch.read_unsubscribe_token(settings, token)
     if subscription is None:
         return HTMLResponse(unsubscribe_links.invalid_page(), 400, unsubscribe_links.SECURITY_HEADERS)
     return HTMLResponse(unsubscribe_links.confirm_page(subscription), 200, unsubscribe_links.SECURITY_HEADERS)
@@ -425,12 +451,12 @@ def unsubscribe_page(token: UnsubscribeToken) -> HTMLResponse:
     response_model=Unsubscribed,
     responses={**HTML_ANSWERS, 400: {**HTML_ANSWERS[400], "model": Problem}},
 )
-def unsubscribe(token: UnsubscribeToken, request: Request) -> Response:
+def unsubscribe(settings: AppSettings, token: UnsubscribeToken, request: Request) -> Response:
     """One-click unsubscribe (RFC 8058), as mail readers POST it, and the page's button: the token's
     topic and channel are turned off for its user. A bad or altered token is a 400 that changes nothing.
     Needs no API key; any body (`List-Unsubscribe=One-Click`) is accepted and ignored. A browser
     (`Accept: text/html`) gets a page, anything else JSON."""
-    subscription = dispatch.unsubscribe(token)
+    subscription = dispatch.unsubscribe(settings, token)
     browser = "text/html" in request.headers.get("accept", "")
     if subscription is None:
         if browser:
@@ -442,9 +468,9 @@ def unsubscribe(token: UnsubscribeToken, request: Request) -> Response:
 
 
 @router.get("/users/{user_id}/contact", response_model=ContactView)
-def get_contact(user_id: UserId) -> ContactView:
+def get_contact(settings: AppSettings, user_id: UserId) -> ContactView:
     """The stored contact of a user (404 when none was stored)."""
-    stored = notifications.load_contact(queues.get_redis(), user_id)
+    stored = notifications.load_contact(queues.get_redis(settings), user_id)
     if not stored:
         raise HTTPException(404, f"no contact stored for user {user_id!r}")
     return ContactView.of(stored.get("email"), stored.get("webhook_url"))
@@ -454,17 +480,17 @@ router.include_router(inbox.router)
 
 
 @router.get("/healthz", responses={503: {"model": Problem}})
-def healthz() -> dict[str, str]:
+def healthz(settings: AppSettings) -> dict[str, str]:
     """200 when Redis answers; Redis errors become the 503 above."""
-    queues.get_redis().ping()
+    queues.get_redis(settings).ping()
     return {"status": "ok", "redis": "ok"}
 
 
 @router.get("/readyz", responses={503: {"model": Problem}})
-def readyz() -> dict[str, str | int]:
+def readyz(settings: AppSettings) -> dict[str, str | int]:
     """200 when Redis answers and at least one worker has a live heartbeat, else 503 with the reason."""
     try:
-        workers = metrics.alive_workers(queues.get_redis())
+        workers = metrics.alive_workers(queues.get_redis(settings))
     except RedisError as exc:
         raise HTTPException(503, f"Redis does not answer: {type(exc).__name__}") from None
     if not workers:
@@ -473,9 +499,9 @@ def readyz() -> dict[str, str | int]:
 
 
 @router.get("/metrics", response_class=PlainTextResponse, responses={503: {"model": Problem}})
-def prometheus_metrics() -> Response:
+def prometheus_metrics(settings: AppSettings) -> Response:
     """Prometheus metrics of the whole service (queues, workers, jobs, notifications), read from Redis."""
-    return Response(metrics.exposition(queues.get_redis()), media_type=metrics.CONTENT_TYPE)
+    return Response(metrics.exposition(queues.get_redis(settings)), media_type=metrics.CONTENT_TYPE)
 
 
 API_KEY_SCHEMES = {
@@ -509,11 +535,13 @@ def create_app(settings: Settings) -> FastAPI:
         static_url=DOCS_ASSETS_PATH,
         exception_handlers=EXCEPTION_HANDLERS,
     )
+    app.state.settings = settings  # what the routes read (`AppSettings`)
+    app.state.mcp_app = LazyApp(lambda: mcp_http_app(settings), "the MCP server")
     app.add_middleware(BodyLimitMiddleware, settings=settings)  # 413 before any route reads the body
     app.add_middleware(ApiKeyMiddleware, settings=settings)  # added after it, so it runs first: no key, no body read
     app.add_middleware(CorrelationIdMiddleware)  # outermost: every answer carries X-Request-ID
     app.include_router(router)
-    app.mount("/mcp", mcp_app)
+    app.mount("/mcp", app.state.mcp_app)
     mount_dashboard(app, settings)
     app.openapi = lambda: openapi_with_api_keys(app)  # type: ignore[method-assign]
     return app

@@ -64,6 +64,7 @@ class SchedulerLoop:
         self.connection = connection
         self.interval = interval
         self.sweep_every = settings.recovery_sweep_seconds
+        self.claim_grace = settings.job_heartbeat_grace_seconds
         self.next_sweep = 0.0
         self.delayed = DelayedJobScheduler(connection=connection, interval=interval)
         self.retries = RQScheduler(list(QUEUE_NAMES), connection=connection, interval=max(1, round(interval)))
@@ -91,7 +92,7 @@ class SchedulerLoop:
     def sweep(self) -> None:
         """Recover the jobs of killed workers; a job that cannot be loaded must not stop the loop."""
         try:
-            recovery.sweep(self.connection)
+            recovery.sweep(self.connection, self.claim_grace)
         except (RedisConnectionError, RedisTimeoutError):
             raise
         except Exception:

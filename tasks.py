@@ -1,5 +1,8 @@
 """The job functions and the registry clients pick them from by name.
 
+Each job function is an entry point (RQ imports it by its dotted path, in our workers and in a stock
+`rq worker -c rqconfig`): it reads the settings once, with `get_settings()`, and passes them down.
+
 Only functions in `TASKS` can be enqueued through the API; a name from a request is
 looked up here and never handed to RQ, which would import any dotted path it is given.
 """
@@ -24,7 +27,7 @@ from herald.notify import digests, notifications, preferences
 from herald.notify.channels import CHANNELS, Message, email, in_app
 from herald.rq_seam import recovery
 from herald.schemas import AwaitArgs, EmailArgs, NoArgs
-from settings import get_settings
+from settings import Settings, get_settings
 
 log = logging.getLogger("tasks")
 
@@ -37,7 +40,7 @@ def send_email(to: str, subject: str, body: str) -> dict[str, str]:
         settings = get_settings()
         message = email.build_message(settings, to, subject, body, unique_id=job.id if job else None)
         email.send(settings, message)
-        message_id = recovery.mark_sent(job, str(message["Message-ID"]))
+        message_id = recovery.mark_sent(settings, job, str(message["Message-ID"]))
     return {"to": to, "message_id": message_id}
 
 
@@ -63,7 +66,7 @@ def deliver_notification(delivery_id: str) -> dict[str, str]:
         notifications.update(connection, delivery_id, status=DeliveryStatus.SKIPPED, skip_reason=reason)
         _report(connection, DeliveryStatus.SKIPPED, _log_fields(delivery, delivery["attempts"]))
         return _result(DeliveryStatus.SKIPPED)
-    return _attempt(job, delivery)
+    return _attempt(get_settings(), job, delivery)
 
 
 def deliver_digest(delivery_id: str) -> dict[str, str]:
@@ -85,7 +88,7 @@ def deliver_digest(delivery_id: str) -> dict[str, str]:
         raise error from exc
     if isinstance(prepared, str):
         return _settle_empty(job.connection, delivery, prepared)
-    return _attempt(job, prepared)
+    return _attempt(get_settings(), job, prepared)
 
 
 def _settle_empty(connection: Redis, delivery: dict[str, Any], status: str) -> dict[str, str]:
@@ -96,19 +99,19 @@ def _settle_empty(connection: Redis, delivery: dict[str, Any], status: str) -> d
     return _result(status)
 
 
-def _attempt(job: Job, delivery: dict[str, Any]) -> dict[str, str]:
+def _attempt(settings: Settings, job: Job, delivery: dict[str, Any]) -> dict[str, str]:
     """One attempt at a delivery, its outcome recorded; a failure re-raised for RQ to retry or fail."""
     connection, delivery_id = job.connection, delivery["delivery_id"]
     fields = _log_fields(delivery, notifications.start_attempt(connection, delivery_id))
     try:
-        sent_now = _deliver_once(job, delivery)
+        sent_now = _deliver_once(settings, job, delivery)
     except Exception as exc:
         retrying = _record_failure(job, delivery_id, exc)
         _report(connection, DeliveryStatus.RETRYING if retrying else DeliveryStatus.FAILED, fields, exc)
         raise
     with connection.pipeline(transaction=False) as pipeline:  # one round trip for what follows a send
         if sent_now:
-            recovery.mark_sent(job, DeliveryStatus.DELIVERED, pipeline)
+            recovery.mark_sent(settings, job, DeliveryStatus.DELIVERED, pipeline)
         delivered_at = notifications.now_iso()
         notifications.update(pipeline, delivery_id, status=DeliveryStatus.DELIVERED, delivered_at=delivered_at)
         pipeline.execute()
@@ -129,12 +132,12 @@ def _skip_reason(connection: Redis, delivery: dict[str, Any]) -> str | None:
     return preferences.check(connection, message["user_id"], topic, delivery["channel"], required)
 
 
-def _deliver_once(job: Job, delivery: dict[str, Any]) -> bool:
+def _deliver_once(settings: Settings, job: Job, delivery: dict[str, Any]) -> bool:
     """Deliver, unless an earlier run of this job did and its worker died before recording it; whether
     it delivered now (the caller marks it sent, `recovery.mark_sent`)."""
     if recovery.sent_marker(job) is not None:
         return False
-    CHANNELS[delivery["channel"]](Message(**delivery["message"]))
+    CHANNELS[delivery["channel"]](settings, Message(**delivery["message"]))
     return True
 
 
@@ -182,9 +185,9 @@ def purge_expired() -> dict[str, int]:
     That is the in-app inbox items older than `INBOX_RETENTION_DAYS`. Notification and delivery
     records need nothing here: they expire by their own TTL (`notifications.RECORD_TTL_SECONDS`).
     """
-    job = get_current_job()
-    connection = job.connection if job else connections.redis_client()
-    cutoff = datetime.now(UTC) - timedelta(days=get_settings().inbox_retention_days)
+    job, settings = get_current_job(), get_settings()
+    connection = job.connection if job else connections.redis_client(settings)
+    cutoff = datetime.now(UTC) - timedelta(days=settings.inbox_retention_days)
     items, inboxes = in_app.purge_older_than(connection, cutoff)
     log.info("purged expired inbox items", extra={"items": items, "inboxes": inboxes})
     return {"inbox_items": items, "inboxes": inboxes}

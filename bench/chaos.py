@@ -114,9 +114,13 @@ def _spread(seconds: list[float]) -> str:
 
 def enqueue(count: int) -> list[str]:
     from herald.jobs import queues
+    from settings import Settings
 
+    settings = Settings()
     return [
-        queues.enqueue_task("send_email", {"to": f"user{n}@example.com", "subject": f"chaos {n}", "body": "x"}).id
+        queues.enqueue_task(
+            settings, "send_email", {"to": f"user{n}@example.com", "subject": f"chaos {n}", "body": "x"}
+        ).id
         for n in range(count)
     ]
 

@@ -49,19 +49,22 @@ def enqueue_many(connection: Redis, count: int) -> float:
 def enqueue_tasks(count: int) -> float:
     """Jobs/s for the project's `queues.enqueue_task` (validation, retry policy, callbacks, one transaction)."""
     from herald.jobs import queues
+    from settings import Settings
 
-    started = time.perf_counter()
+    settings, started = Settings(), time.perf_counter()
     for _ in range(count):
-        queues.enqueue_task("noop", {})
+        queues.enqueue_task(settings, "noop", {})
     return count / (time.perf_counter() - started)
 
 
 def enqueue_one(source: str) -> Job:
     from herald.jobs import queues
+    from settings import Settings
 
+    settings = Settings()
     if source == "project":
-        return queues.enqueue_task("noop", {})
-    return Queue("default", connection=queues.get_redis()).enqueue(noop)
+        return queues.enqueue_task(settings, "noop", {})
+    return Queue("default", connection=queues.get_redis(settings)).enqueue(noop)
 
 
 def fill(stack: Stack, source: str, count: int) -> None:

@@ -126,6 +126,7 @@ def webhook_timeout(runs: int) -> list[float]:
     saved = {name: os.environ.get(name) for name in ("WEBHOOK_TIMEOUT_SECONDS", "WEBHOOK_ALLOW_PRIVATE")}
     os.environ.update(WEBHOOK_TIMEOUT_SECONDS=str(WEBHOOK_TIMEOUT), WEBHOOK_ALLOW_PRIVATE="true")
     get_settings.cache_clear()
+    settings = get_settings()
     receiver = Receiver().start()
     receiver.delay = 5 * WEBHOOK_TIMEOUT
     fields: dict[str, Any] = {
@@ -141,7 +142,7 @@ def webhook_timeout(runs: int) -> list[float]:
         for _ in range(runs):
             started = time.perf_counter()
             try:
-                webhook.send(message)
+                webhook.send(settings, message)
             except TransientError:
                 times.append(time.perf_counter() - started)
     finally:

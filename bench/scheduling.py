@@ -30,10 +30,12 @@ def measure(jobs: int) -> tuple[list[float], list[float]]:
 
     get_settings.cache_clear()
     connections.client_for.cache_clear()
+    settings = get_settings()
     connection = Redis.from_url(os.environ["REDIS_URL"])
     now = datetime.now(UTC)
     due = {
-        queues.enqueue_task("noop", {}, "default", now + timedelta(seconds=2 + 2 * n / jobs)).id: 2 + 2 * n / jobs
+        queues.enqueue_task(settings, "noop", {}, "default", now + timedelta(seconds=2 + 2 * n / jobs)).id: 2
+        + 2 * n / jobs
         for n in range(jobs)
     }
     enqueued, started = [], []
@@ -48,8 +50,9 @@ def measure(jobs: int) -> tuple[list[float], list[float]]:
 
 def _finished(job_id: str) -> Job | None:
     from herald.jobs import queues
+    from settings import get_settings
 
-    job = queues.fetch_job(job_id)
+    job = queues.fetch_job(get_settings(), job_id)
     return job if job.is_finished else None
 
 

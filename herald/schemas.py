@@ -27,7 +27,7 @@ from herald.infra.patterns import (
 )
 from herald.infra.statuses import DeliveryStatus
 from herald.notify import quiet_hours
-from settings import get_settings
+from settings import Settings
 
 Priority = Literal["high", "default", "low"]
 
@@ -90,20 +90,24 @@ class Schedule(BaseModel):
     send_at: AwareDatetime | None = Field(None, description="run at this time (ISO-8601 with a timezone)")
 
     @model_validator(mode="after")
-    def _one_way_and_within_horizon(self) -> Schedule:
+    def _one_way(self) -> Schedule:
         if self.delay_seconds is not None and self.send_at is not None:
             raise ValueError("give either delay_seconds or send_at, not both")
         try:
-            due = self.due_at()
+            self.due_at()
         except OverflowError:  # a delay beyond the year 9999, or infinite
             raise ValueError("the due time is out of range") from None
-        settings = get_settings()
-        now = datetime.now(UTC)
-        if due and due > now + timedelta(days=settings.schedule_horizon_days):
-            raise ValueError(f"must be within {settings.schedule_horizon_days} days from now")
-        if due and due < now - timedelta(seconds=settings.schedule_past_tolerance_seconds):
-            raise ValueError(f"send_at is more than {settings.schedule_past_tolerance_seconds} s in the past")
         return self
+
+    def schedule_problem(self, settings: Settings) -> str | None:
+        """Why the due time is refused with these settings (beyond `SCHEDULE_HORIZON_DAYS`, or too far in
+        the past), or None. Checked where the settings are at hand (`app.within_horizon`), not here."""
+        due, now = self.due_at(), datetime.now(UTC)
+        if due and due > now + timedelta(days=settings.schedule_horizon_days):
+            return f"must be within {settings.schedule_horizon_days} days from now"
+        if due and due < now - timedelta(seconds=settings.schedule_past_tolerance_seconds):
+            return f"send_at is more than {settings.schedule_past_tolerance_seconds} s in the past"
+        return None
 
     def due_at(self) -> datetime | None:
         """The due time in UTC, or None to run at once (a slightly past `send_at` is due at once)."""

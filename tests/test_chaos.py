@@ -19,7 +19,7 @@ from herald.jobs import queues
 from herald.mailsink import MailSink
 from herald.rq_seam import recovery
 from herald.rq_seam.recovery import CLAIMS_KEY, ClaimingQueue, RecoveringWorker
-from settings import get_settings
+from settings import Settings
 from tests import fixtures
 from tests.conftest import StartProcess
 from tests.helpers import kill_worker, wait_until
@@ -38,7 +38,6 @@ def _fast_recovery(monkeypatch: pytest.MonkeyPatch) -> None:
     """Heartbeat every second, abandoned 3 s later, looked for every second (this test and its processes)."""
     for name, value in FAST_RECOVERY.items():
         monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
 
 
 def _enqueue_counted(redis: Redis, seconds: float) -> Job:
@@ -46,7 +45,7 @@ def _enqueue_counted(redis: Redis, seconds: float) -> Job:
     return Queue("default", connection=redis).enqueue(
         fixtures.count_runs,
         seconds,
-        retry=queues.retry_policy(get_settings()),
+        retry=queues.retry_policy(Settings()),
         on_failure=Callback(queues.on_job_failure),
     )
 
@@ -75,7 +74,7 @@ def test_a_job_of_a_killed_worker_runs_again_within_the_documented_time(
     wait_until(lambda: _runs(redis, job) == 2, timeout=bound - time.monotonic(), interval=0.1, what="the re-run")
     elapsed = time.monotonic() - killed
     print(f"killed job started again {elapsed:.1f} s after the kill")
-    assert elapsed >= get_settings().job_heartbeat_grace_seconds, "not taken for abandoned before its grace is over"
+    assert elapsed >= Settings().job_heartbeat_grace_seconds, "not taken for abandoned before its grace is over"
     wait_until(lambda: _status_is(job, JobStatus.FINISHED), what="the re-run to finish")
     job.refresh()
     assert _runs(redis, job) == 2
@@ -125,7 +124,7 @@ def test_a_rerun_after_a_kill_does_not_send_the_email_again(
     worker = processes("worker.py")
     email = {"to": "ann@example.com", "subject": "once", "body": "x"}
     job = Queue("default", connection=redis).enqueue(
-        fixtures.send_email_then_sleep, 1, **email, retry=queues.retry_policy(get_settings())
+        fixtures.send_email_then_sleep, 1, **email, retry=queues.retry_policy(Settings())
     )
     wait_until(lambda: redis.get(f"returned:{job.id}") == b"1", what="the email to be sent")
     kill_worker(worker)
@@ -142,14 +141,14 @@ def test_a_job_popped_by_a_worker_that_died_before_registering_it_goes_back(
     monkeypatch: pytest.MonkeyPatch, redis: Redis
 ) -> None:
     monkeypatch.setenv("JOB_HEARTBEAT_GRACE_SECONDS", "1")
-    get_settings.cache_clear()
+    grace = Settings().job_heartbeat_grace_seconds
     job = _enqueue_counted(redis, 0)
     queue = ClaimingQueue("default", connection=redis)
     popped = ClaimingQueue.dequeue_any([queue], None, connection=redis)  # and the worker dies here
     assert popped is not None and popped[0].id == job.id and queue.count == 0
-    assert recovery.sweep(redis) == [], "a live worker's claim is left alone"
+    assert recovery.sweep(redis, grace) == [], "a live worker's claim is left alone"
 
-    assert wait_until(lambda: recovery.sweep(redis), timeout=5, what="the claim to expire") == [job.id]
+    assert wait_until(lambda: recovery.sweep(redis, grace), timeout=5, what="the claim to expire") == [job.id]
     assert queue.job_ids == [job.id] and redis.zcard(CLAIMS_KEY) == 0
 
 
@@ -164,7 +163,7 @@ def test_a_job_registered_by_a_worker_that_died_before_forking_goes_back(redis: 
     assert job.get_status() == JobStatus.STARTED and redis.zcard(CLAIMS_KEY) == 0
 
     def requeued() -> bool:
-        recovery.sweep(redis)
+        recovery.sweep(redis, Settings().job_heartbeat_grace_seconds)
         return job.get_status() == JobStatus.QUEUED
 
     wait_until(requeued, timeout=10, interval=0.2, what="the abandoned job to be requeued")
@@ -184,7 +183,7 @@ def test_the_sweep_frees_a_slot_its_dead_worker_held_and_lets_the_next_job_in(re
     ended.set_status(JobStatus.FAILED)
     assert registry.get_allowed_job_ids() == [ended.id]
 
-    recovery.sweep(redis)
+    recovery.sweep(redis, Settings().job_heartbeat_grace_seconds)
     assert waiting.get_status() == JobStatus.QUEUED and queue.job_ids == [waiting.id]
     assert registry.get_allowed_job_ids() == [waiting.id] and registry.get_rate_limited_job_count() == 0
 
@@ -198,7 +197,7 @@ def test_a_killed_job_keeps_its_slot_while_requeued_runs_once_more_then_gives_it
     _fast_recovery(monkeypatch)
     processes("scheduler.py")  # the only one to sweep while no worker runs
     limit, queue = RateLimit("test:receiver", 1), Queue("default", connection=redis)
-    options = {"retry": queues.retry_policy(get_settings()), "on_failure": Callback(queues.on_job_failure)}
+    options = {"retry": queues.retry_policy(Settings()), "on_failure": Callback(queues.on_job_failure)}
     killed = queue.enqueue(fixtures.count_runs, 30, True, rate_limit=limit, **options)  # 30 s on its first run
     waiting = queue.enqueue(fixtures.count_runs, 0, rate_limit=limit, **options)
     registry = RateLimitRegistry(limit.key, connection=redis)

@@ -16,7 +16,7 @@ from rq.job import Job
 
 from herald import mailsink
 from herald.api.dashboard import mount_dashboard
-from settings import get_settings
+from settings import Settings
 from tests.helpers import stop_process
 
 USER, PASSWORD = "admin", "s3cret-pass"
@@ -33,16 +33,14 @@ def dashboard(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> Iterator[MakeDas
         monkeypatch.setenv("DASHBOARD_USERNAME", USER)
         monkeypatch.setenv("DASHBOARD_PASSWORD", password)
         monkeypatch.setenv("DASHBOARD_READ_ONLY", str(read_only).lower())
-        get_settings.cache_clear()
         app = FastAPI()
-        mount_dashboard(app, get_settings())
+        mount_dashboard(app, Settings())
         clients.append(TestClient(app, raise_server_exceptions=False))
         return clients[-1]
 
     yield make
     for client in clients:
         client.close()
-    get_settings.cache_clear()
 
 
 @pytest.mark.parametrize(

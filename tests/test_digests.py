@@ -22,6 +22,7 @@ from redis.exceptions import WatchError
 from herald import mailsink
 from herald.mailsink import MailSink
 from herald.notify import digests, dispatch
+from settings import Settings
 from tests.conftest import StartProcess
 from tests.helpers import wait_for_http, wait_until
 from tests.test_metrics import scrape, value
@@ -304,7 +305,11 @@ def test_an_opt_out_during_the_window_leaves_those_items_out_and_an_empty_digest
         delivery = _delivery(client, answer["notification_id"])
         assert (delivery["status"], delivery["skip_reason"]) == ("skipped", "opted_out")
     token = mail["List-Unsubscribe"].strip("<>").rpartition("/")[2]
-    assert tuple(dispatch.read_unsubscribe_token(token) or ()) == ("ann", "orders", "email")  # the one topic sent
+    assert tuple(dispatch.read_unsubscribe_token(Settings(), token) or ()) == (
+        "ann",
+        "orders",
+        "email",
+    )  # the one topic sent
 
 
 def test_a_canceled_opening_notification_leaves_the_digest_and_the_others_are_sent(

@@ -15,7 +15,7 @@ from rq import Queue
 from herald import serve
 from herald.infra import connections
 from herald.mailsink import free_port
-from settings import get_settings
+from settings import Settings
 from tests.helpers import wait_until
 
 EMAIL = {"to": "ann@example.com", "subject": "Hi", "body": "Welcome"}
@@ -27,7 +27,6 @@ def embedded(
 ) -> Iterator[list[subprocess.Popen[bytes]]]:
     """`REDIS_URL` on a free port where nothing runs yet; the embedded servers started there, stopped after."""
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
-    get_settings.cache_clear()
     connections.client_for.cache_clear()
     servers: list[subprocess.Popen[bytes]] = []
     yield servers
@@ -48,7 +47,7 @@ def test_a_sigkilled_embedded_redis_keeps_every_accepted_job(
     """SIGKILL ends the process only: whatever it wrote to the file survives, fsynced or not (everysec's
     second of loss is a power cut's or kernel crash's). So the test waits until every job id is in the
     file, which the server writes before or, with a slow disk, up to 2 s after answering; then kills it."""
-    settings = get_settings()
+    settings = Settings()
     assert settings.redis_appendfsync == "everysec"
     embedded.append(serve.start_embedded_redis(settings.redis_url, settings, tmp_path))
     with Redis.from_url(settings.redis_url) as connection:

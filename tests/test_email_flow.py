@@ -17,7 +17,7 @@ from redis import Redis
 
 from herald.mailsink import MailSink
 from herald.notify.channels import email
-from settings import get_settings
+from settings import Settings
 from tests.conftest import StartProcess
 from tests.helpers import wait_until
 
@@ -70,7 +70,6 @@ def test_transient_smtp_failures_are_retried_with_backoff_then_succeed(
     """Backoff 2 s, then 4 s. RQ schedules retries in whole seconds and looks every second, so each gap
     is its delay less 1 s at most, plus up to 1 s: 1..3 s, then 3..5 s; a constant delay gives two alike."""
     monkeypatch.setenv("RETRY_BASE_SECONDS", "2")
-    get_settings.cache_clear()
     attempts = _record_attempts(smtp, monkeypatch)
     processes("worker.py", wait_for_workers=1)
     smtp.fail_next(2, "451 4.3.0 Mailbox busy")
@@ -159,7 +158,7 @@ def test_plain_rq_workers_never_leave_a_retry_stuck(
 
 
 def _send(subject: str) -> None:
-    settings = get_settings()
+    settings = Settings()
     email.send(settings, email.build_message(settings, "ann@example.com", subject, "Welcome"))
 
 
@@ -191,7 +190,7 @@ def test_a_session_idle_too_long_is_not_reused(smtp: MailSink, monkeypatch: pyte
 @pytest.mark.parametrize("html", [None, "<p>Welcome <b>back</b></p>"])
 @pytest.mark.parametrize("subject", ["Hi", "Grüße aus Köln", "x" * 200])
 def test_a_built_message_is_what_the_email_policy_writes(subject: str, html: str | None) -> None:
-    settings = get_settings()
+    settings = Settings()
     built = email.build_message(settings, "ann@example.com", subject, "Welcome\nback", unique_id="job-1", html=html)
     expected = EmailMessage()
     for name, value in (("From", settings.smtp_from), ("To", "ann@example.com"), ("Subject", subject)):
@@ -210,7 +209,7 @@ def test_a_built_message_is_what_the_email_policy_writes(subject: str, html: str
 
 def test_every_message_is_dated_now_in_utc_and_marked_auto_generated() -> None:
     before = datetime.now(UTC).replace(microsecond=0)
-    built = email.build_message(get_settings(), "ann@example.com", "Hi", "Welcome")
+    built = email.build_message(Settings(), "ann@example.com", "Hi", "Welcome")
     after = datetime.now(UTC)
     assert built["Date"] is not None, "RFC 5322 3.6: Date is required"
     date = parsedate_to_datetime(str(built["Date"]))
@@ -221,4 +220,4 @@ def test_every_message_is_dated_now_in_utc_and_marked_auto_generated() -> None:
 
 def test_a_header_with_a_line_break_is_refused() -> None:
     with pytest.raises(ValueError, match="linefeed"):
-        email.build_message(get_settings(), "ann@example.com", "Hi\nBcc: eve@example.com", "x")
+        email.build_message(Settings(), "ann@example.com", "Hi\nBcc: eve@example.com", "x")

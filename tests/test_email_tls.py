@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from herald.exceptions import PermanentError
 from herald.mailsink import MailSink, free_port
 from herald.notify.channels import email
-from settings import Settings, get_settings
+from settings import Settings
 from tests.conftest import StartProcess
 from tests.helpers import wait_until
 
@@ -132,7 +132,6 @@ def tls_server(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Iterator
             values["SMTP_CA_FILE"] = str(ca_file)
         for name, value in values.items():
             monkeypatch.setenv(name, value)
-        get_settings.cache_clear()
         return sink
 
     yield start
@@ -142,7 +141,7 @@ def tls_server(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Iterator
 
 
 def _send(subject: str = "Hi") -> None:
-    settings = get_settings()
+    settings = Settings()
     email.send(settings, email.build_message(settings, "ann@example.com", subject, "Welcome"))
 
 
@@ -197,7 +196,7 @@ def test_an_unverified_smtps_server_fails_the_job_at_once_without_retries(
 
     job = wait_until(failed, 15, interval=0.05, what="the job to fail")
     assert job["retries_left"] == 0 and job["error"]["type"] == "PermanentError"
-    port = get_settings().smtp_port
+    port = Settings().smtp_port
     assert job["error"]["message"] == (
         f"the certificate of SMTP server 127.0.0.1:{port} did not verify against the system's CAs: "
         "unable to get local issuer certificate; point SMTP_CA_FILE at the CA that signed it (PEM)"

@@ -15,17 +15,17 @@ from rq import Queue
 from rq.job import JobStatus
 
 from herald.infra import connections
-from settings import get_settings
+from settings import Settings
 from tests import fixtures
 from tests.helpers import descendants, start_process, start_time, stop_process, wait_until
 
 
 def test_fake_redis_leaves_no_way_to_a_real_redis(fake_redis: fakeredis.FakeRedis) -> None:
     """Code that reads `REDIS_URL` itself (channels, inbox) would otherwise reach the machine's Redis."""
-    url = get_settings().redis_url
-    assert urlsplit(url).port not in (None, 6379), url
+    settings = Settings()
+    assert urlsplit(settings.redis_url).port not in (None, 6379), settings.redis_url
     with pytest.raises(RedisConnectionError):
-        connections.redis_client().ping()
+        connections.redis_client(settings).ping()
 
 
 def test_stopping_a_stock_rq_worker_kills_its_work_horse_too(redis: Redis, env: dict[str, str]) -> None:

@@ -20,7 +20,7 @@ from herald import mailsink
 from herald.exceptions import PermanentError
 from herald.notify.channels import in_app
 from herald.notify.channels.base import Message
-from settings import get_settings
+from settings import Settings
 from tests import inbox_app
 from tests.conftest import StartProcess
 from tests.helpers import wait_until
@@ -47,7 +47,7 @@ def item(number: int, read: bool = False) -> dict[str, Any]:
 @pytest.fixture
 def inbox(redis: Redis) -> Iterator[TestClient]:
     """The inbox routes alone (`tests.inbox_app`), on the test Redis."""
-    with TestClient(inbox_app.app, raise_server_exceptions=False) as test_client:
+    with TestClient(inbox_app.create(Settings()), raise_server_exceptions=False) as test_client:
         yield test_client
 
 
@@ -59,14 +59,14 @@ def page(inbox: TestClient, user_id: str = "ann", **query: Any) -> dict[str, Any
 
 def test_newest_first_with_counts(inbox: TestClient) -> None:
     for number in (1, 2, 3):
-        in_app.send(message(number))
+        in_app.send(Settings(), message(number))
     assert page(inbox) == {"total": 3, "unread": 3, "offset": 0, "limit": 50, "items": [item(3), item(2), item(1)]}
     assert page(inbox, "bob") == {"total": 0, "unread": 0, "offset": 0, "limit": 50, "items": []}
 
 
 def test_pagination(inbox: TestClient) -> None:
     for number in range(1, 6):
-        in_app.send(message(number))
+        in_app.send(Settings(), message(number))
     assert [entry["id"] for entry in page(inbox, offset=1, limit=2)["items"]] == ["n4", "n3"]
     last = page(inbox, offset=4, limit=2)
     assert (last["total"], [entry["id"] for entry in last["items"]]) == (5, ["n1"])
@@ -75,7 +75,7 @@ def test_pagination(inbox: TestClient) -> None:
 
 def test_mark_read_and_unread_filter(inbox: TestClient) -> None:
     for number in (1, 2, 3):
-        in_app.send(message(number))
+        in_app.send(Settings(), message(number))
     response = inbox.post("/users/ann/notifications/n2/read")
     assert response.status_code == 200 and response.json() == item(2, read=True)
     assert inbox.post("/users/ann/notifications/n2/read").json() == item(2, read=True)  # again: same answer
@@ -88,7 +88,7 @@ def test_mark_read_and_unread_filter(inbox: TestClient) -> None:
 
 
 def test_unknown_notification_is_404(inbox: TestClient) -> None:
-    in_app.send(message(1))
+    in_app.send(Settings(), message(1))
     for path in ("/users/ann/notifications/n9/read", "/users/bob/notifications/n1/read"):
         response = inbox.post(path)
         assert response.status_code == 404 and "detail" in response.json()
@@ -99,11 +99,10 @@ def test_inbox_keeps_the_newest_and_drops_the_data_of_older_ones(
     inbox: TestClient, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("INBOX_SIZE", "3")
-    get_settings.cache_clear()
     for number in range(1, 6):
-        in_app.send(message(number))
+        in_app.send(Settings(), message(number))
     inbox.post("/users/ann/notifications/n4/read")
-    in_app.send(message(6))
+    in_app.send(Settings(), message(6))
     listed = page(inbox)
     assert ([entry["id"] for entry in listed["items"]], listed["total"], listed["unread"]) == (["n6", "n5", "n4"], 3, 2)
     assert sorted(redis.hkeys("inbox:{ann}:items")) == [b"n4", b"n5", b"n6"]
@@ -112,11 +111,11 @@ def test_inbox_keeps_the_newest_and_drops_the_data_of_older_ones(
 
 
 def test_send_is_idempotent_per_notification(inbox: TestClient, redis: Redis) -> None:
-    in_app.send(message(1))
+    in_app.send(Settings(), message(1))
     inbox.post("/users/ann/notifications/n1/read")
-    in_app.send(message(2))
-    in_app.send(message(1))  # a retried delivery: neither a second item, nor unread again, nor moved up
-    in_app.send(message(1, title="changed"))
+    in_app.send(Settings(), message(2))
+    in_app.send(Settings(), message(1))  # a retried delivery: neither a second item, nor unread again, nor moved up
+    in_app.send(Settings(), message(1, title="changed"))
     assert page(inbox)["items"] == [item(2), item(1, read=True)]
     assert redis.zcard("inbox:{ann}:ids") == 2
 
@@ -134,7 +133,7 @@ def test_invalid_query_is_422(inbox: TestClient) -> None:
 
 def test_send_refuses_an_invalid_user_id_for_good(redis: Redis) -> None:
     with pytest.raises(PermanentError):
-        in_app.send(message(1, user_id="no spaces"))
+        in_app.send(Settings(), message(1, user_id="no spaces"))
     assert redis.keys("inbox:*") == []
 
 
@@ -144,10 +143,10 @@ def test_websocket_closes_1008_on_invalid_user_id(inbox: TestClient) -> None:
     assert closed.value.code == 1008
 
 
-def test_websocket_closes_1013_without_redis(inbox: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_websocket_closes_1013_without_redis(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{mailsink.free_port()}/0")  # nothing listens there
-    get_settings.cache_clear()
-    with inbox.websocket_connect("/ws/users/ann") as websocket, pytest.raises(WebSocketDisconnect) as closed:
+    inbox = TestClient(inbox_app.create(Settings()), raise_server_exceptions=False)
+    with inbox, inbox.websocket_connect("/ws/users/ann") as websocket, pytest.raises(WebSocketDisconnect) as closed:
         websocket.receive_text()
     assert closed.value.code == 1013
 
@@ -182,15 +181,15 @@ def test_websocket_pushes_new_items_from_any_process(processes: StartProcess, re
             for port, user in ((ports[0], "ann"), (ports[1], "ann"), (ports[0], "bob"))
         )
         wait_until(lambda: subscribers(redis, "ann") >= 2 and subscribers(redis, "bob") >= 1, what="subscriptions")
-        in_app.send(message(1))  # as a worker would: from another process than both servers
-        in_app.send(message(2, user_id="bob"))
+        in_app.send(Settings(), message(1))  # as a worker would: from another process than both servers
+        in_app.send(Settings(), message(2, user_id="bob"))
         assert json.loads(ann_a.recv(timeout=5)) == item(1)
         assert json.loads(ann_b.recv(timeout=5)) == item(1)
         received = json.loads(bob_a.recv(timeout=5))  # bob's first frame is his own item: none of ann's
         assert (received["id"], received["title"]) == ("n2", "Title 2")
         redis.client_kill_filter(_type="pubsub")  # a dropped connection: the servers re-subscribe
         wait_until(lambda: subscribers(redis, "ann") >= 2, what="subscriptions to come back")
-        in_app.send(message(3))
+        in_app.send(Settings(), message(3))
         assert [json.loads(websocket.recv(timeout=5))["id"] for websocket in (ann_a, ann_b)] == ["n3", "n3"]
         refused = stack.enter_context(connect(url(ports[1], "a!b"), open_timeout=5))
         with pytest.raises(ConnectionClosed) as closed:

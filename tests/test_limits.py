@@ -18,7 +18,7 @@ from herald.api.dashboard import mount_dashboard
 from herald.jobs import queues
 from herald.mailsink import MailSink
 from herald.rq_seam import limits
-from settings import get_settings
+from settings import Settings
 from tests.conftest import StartProcess
 from tests.helpers import wait_until
 from tests.receiver import Receiver
@@ -35,7 +35,6 @@ def limited(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
     for name in ("WEBHOOK_HOST_CONCURRENCY", "SMTP_CONCURRENCY"):
         monkeypatch.setenv(name, "2")
         env[name] = "2"
-    get_settings.cache_clear()
 
 
 def _notify(client: TestClient, **fields: Any) -> dict[str, Any]:
@@ -77,7 +76,7 @@ def test_email_to_the_smtp_server_runs_at_most_the_limit_through_every_way_in(
     ids = [client.post("/send-email", json=email).json()["job_id"] for _ in range(3)]  # the asyncio path
     batch = client.post("/send-email/batch", json={"emails": [email] * 3}).json()  # the bulk path
     ids += [job["job_id"] for job in batch["jobs"]]
-    ids += [queues.enqueue_task("send_email", email).id]  # the blocking path (POST /jobs)
+    ids += [queues.enqueue_task(Settings(), "send_email", email).id]  # the blocking path (POST /jobs)
     ids += _job_ids([_notify(client, channels=["email"], to="bo@example.com")])  # a notification's email
     assert sorted(client.get(f"/job/{job_id}").json()["status"] for job_id in ids[:3]) == [
         "queued",
@@ -88,7 +87,7 @@ def test_email_to_the_smtp_server_runs_at_most_the_limit_through_every_way_in(
     wait_until(lambda: _all_finished(client, ids), timeout=60, interval=0.1, what="emails")
     assert len(smtp.messages) == len(ids) == 8
     assert smtp.max_in_flight == 2
-    assert _slots_held(redis, limits.for_smtp(get_settings()).key) == 0  # type: ignore[union-attr]
+    assert _slots_held(redis, limits.for_smtp(Settings()).key) == 0  # type: ignore[union-attr]
 
 
 def test_a_delivery_waiting_for_its_slot_shows_rate_limited_in_the_job_and_the_dashboard(
@@ -99,9 +98,8 @@ def test_a_delivery_waiting_for_its_slot_shows_rate_limited_in_the_job_and_the_d
     assert [client.get(f"/job/{job_id}").json()["status"] for job_id in (first, second)] == ["queued", "queued"]
     assert client.get(f"/job/{third}").json()["status"] == "rate_limited"
     monkeypatch.setenv("DASHBOARD_PASSWORD", "s3cret-pass")
-    get_settings.cache_clear()
     app = FastAPI()
-    assert mount_dashboard(app, get_settings())
+    assert mount_dashboard(app, Settings())
     with TestClient(app, raise_server_exceptions=False) as dashboard:
         shown = dashboard.get(f"/rq/0/data/job/{third}.json", auth=("admin", "s3cret-pass"))
     assert shown.status_code == 200
@@ -119,7 +117,7 @@ def test_a_waiting_delivery_can_be_canceled_and_gives_no_slot_away(
 
 
 def test_the_limit_key_is_the_host_of_the_url_and_the_smtp_server() -> None:
-    settings = get_settings().model_copy(update={"smtp_host": "Mail.Example.com", "smtp_port": 587})
+    settings = Settings().model_copy(update={"smtp_host": "Mail.Example.com", "smtp_port": 587})
     assert limits.for_webhook("https://Hooks.Example.com:8443/a?b=1", settings).key == "webhook:hooks.example.com"
     assert limits.for_channel("email", "x@example.com", settings).key == "smtp:mail.example.com:587"  # type: ignore[union-attr]
     assert limits.for_channel("in_app", None, settings) is None
@@ -147,7 +145,7 @@ def test_send_email_answered_503_wrote_nothing_and_202_holds_its_slot(
     its slot, or a 503 for no job at all; never a 503 for a job that is sent all the same (a client
     would send it again), which is what a slot asked for in a second command after the job left."""
     email = {"to": "ann@example.com", "subject": "Hello", "body": "Hi"}
-    real, key = aioredis.Redis.execute_command, limits.for_smtp(get_settings()).key  # type: ignore[union-attr]
+    real, key = aioredis.Redis.execute_command, limits.for_smtp(Settings()).key  # type: ignore[union-attr]
     outcomes = []
     for failing in range(1, 7):
         monkeypatch.setattr(aioredis.Redis, "execute_command", _failing_command(real, failing))
@@ -171,8 +169,7 @@ def test_jobs_waiting_for_their_slot_count_toward_a_full_queue(
 ) -> None:
     """A job waiting for its slot is in no queue; it counts toward `QUEUE_MAX_WAITING` all the same, so a
     flood to one slow receiver is refused once the backlog is full, through every way in."""
-    monkeypatch.setenv("QUEUE_MAX_WAITING", "4")
-    get_settings.cache_clear()
+    monkeypatch.setenv("QUEUE_MAX_WAITING", "4")  # before the client's first request: its API reads it then
     email = {"to": "ann@example.com", "subject": "Hello", "body": "Hi"}
     ids = [client.post("/send-email", json=email).json()["job_id"] for _ in range(4)]
     statuses = sorted(client.get(f"/job/{job_id}").json()["status"] for job_id in ids)

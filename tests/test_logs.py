@@ -30,10 +30,10 @@ from rq.job import Job
 
 from herald import serve
 from herald.infra import metrics
-from herald.infra.logs import REDACTED, LogFormat, log_format_for, setup_logging
+from herald.infra.logs import REDACTED, LogFormat, log_format_for, secret_values, setup_logging
 from herald.jobs import queues
 from herald.mailsink import MailSink, free_port
-from settings import Settings, get_settings
+from settings import Settings
 from tests.helpers import ROOT, stop_process, wait_for_http, wait_until
 from tests.receiver import Receiver
 
@@ -59,9 +59,7 @@ def secrets(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Iterator[No
     """The secrets in this process's settings and in those of the processes it starts."""
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
     yield
-    get_settings.cache_clear()
 
 
 @pytest.fixture
@@ -119,7 +117,7 @@ def count(found: list[tuple[str, str, str]], logger: str, text: str) -> int:
 def log_secrets(log_format: LogFormat, level: int, extra: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> str:
     """What `setup_logging` writes, in `log_format`, of a line below its level, a line at `level` with a
     secret in its message and `extra`, and an exception whose message holds secrets; checked to hold none."""
-    setup_logging("INFO", log_format)
+    setup_logging("INFO", log_format, secret_values(Settings()))
     log = logging.getLogger("test")
     log.debug("below the level: not written")
     log.log(level, "login with %s", SECRETS["SMTP_PASSWORD"], extra=extra)
@@ -147,8 +145,7 @@ def test_the_single_api_key_is_redacted_too(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], root_logging: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("API_KEY", "solo-key-Wd3Pn8")
-    get_settings.cache_clear()
-    setup_logging("INFO")
+    setup_logging("INFO", secrets=secret_values(Settings()))
     logging.getLogger("test").warning("refused solo-key-Wd3Pn8")
     [entry] = parse_lines(capsys.readouterr().err)
     assert entry["message"] == f"refused {REDACTED}"
@@ -175,7 +172,7 @@ def test_json_messages_are_plain_text_when_rq_colours_them(
     root_logging: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(rq.logutils.colorizer, "notty", False)  # as when stdout is a terminal
-    setup_logging("INFO")
+    setup_logging("INFO", secrets=secret_values(Settings()))
     logging.getLogger("rq.worker").info("*** Listening on %s...", rq.logutils.green("high, default"))
     [entry] = parse_lines(capsys.readouterr().err)
     assert entry["message"] == "*** Listening on high, default..."
@@ -268,7 +265,9 @@ def test_worker_lines_rq_own_too_come_once_in_the_format(started: Started, redis
     out, err = started([sys.executable, "worker.py"], LOG_FORMAT=log_format)
     wait_until(lambda: metrics.alive_workers(redis), what="worker to register")
     default = Queue("default", connection=redis)
-    job = default.enqueue_job(default.create_job(importlib.import_module, args=("json",), **queues.job_options(None)))
+    job = default.enqueue_job(
+        default.create_job(importlib.import_module, args=("json",), **queues.job_options(Settings(), None))
+    )
     wait_until(lambda: Job.fetch(job.id, connection=redis).get_status() == "finished", 20, what="job to finish")
     assert redis.exists(Group.REDIS_GROUP_CLEANING_KEY), "the worker's first maintenance pass (before its job) ran"
     started.stop()  # its shutdown lines too
@@ -292,7 +291,7 @@ def test_every_api_command_logs_through_our_handler() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text().splitlines()
     commands = [json.loads(next(line for line in dockerfile if line.startswith("CMD "))[4:])]
     commands.append(yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["api"]["command"])
-    commands.append(shlex.split(serve.processes(get_settings(), serve.Options())["api"]))
+    commands.append(shlex.split(serve.processes(Settings(), serve.Options())["api"]))
     for command in commands:
         assert " ".join(LOG_CONFIG) in " ".join(command), command
 
@@ -303,10 +302,9 @@ def test_api_lines_uvicorn_own_too_come_once_in_the_format(
 ) -> None:
     """The run command's API line (two uvicorn worker processes), with the access log on."""
     monkeypatch.setenv("API_WORKERS", "2")
-    get_settings.cache_clear()
     options = serve.Options()
     options.port = free_port()
-    command = shlex.split(serve.processes(get_settings(), options)["api"].removeprefix("exec "))
+    command = shlex.split(serve.processes(Settings(), options)["api"].removeprefix("exec "))
     command.remove("--no-access-log")
     out, err = started(command, LOG_FORMAT=log_format)
     url = f"http://127.0.0.1:{options.port}"
@@ -366,7 +364,9 @@ def deliver_every_outcome(
     # A job whose error message holds a secret: RQ logs its traceback from the work-horse.
     low = Queue("low", connection=redis)
     leaky = low.enqueue_job(
-        low.create_job(importlib.import_module, args=(SECRETS["SMTP_PASSWORD"],), **queues.job_options(None))
+        low.create_job(
+            importlib.import_module, args=(SECRETS["SMTP_PASSWORD"],), **queues.job_options(Settings(), None)
+        )
     )
     expected = {deliveries["email"]: "finished", deliveries["webhook"]: "failed", deliveries["in_app"]: "finished"}
     expected |= {email_job.json()["job_id"]: "finished", leaky.id: "failed"}

@@ -22,7 +22,8 @@ from herald.api import mcp_server
 from herald.infra.patterns import JOB_ID_PATTERN
 from herald.mailsink import MailSink, free_port
 from herald.schemas import JobAccepted, JobPage, JobView, NotificationAccepted
-from tests.conftest import StartProcess, _reset_caches
+from settings import Settings
+from tests.conftest import StartProcess
 from tests.helpers import wait_for_http, wait_until
 
 T = TypeVar("T")
@@ -41,7 +42,7 @@ def run(coroutine: Awaitable[T]) -> T:
 async def call(tool: str, arguments: dict[str, Any], client: Client[Any] | None = None) -> dict[str, Any]:
     """Call a tool (in process unless a connected client is given); its structured answer."""
     if client is None:
-        async with Client(mcp_server.mcp) as local:
+        async with Client(mcp_server.build(Settings())) as local:
             return await call(tool, arguments, local)
     result = await client.call_tool(tool, arguments)
     assert result.structured_content is not None, result
@@ -56,7 +57,7 @@ def tool_error(tool: str, arguments: dict[str, Any]) -> str:
 
 def test_all_tools_are_listed_with_input_and_output_schemas() -> None:
     async def listed() -> dict[str, Any]:
-        async with Client(mcp_server.mcp) as client:
+        async with Client(mcp_server.build(Settings())) as client:
             return {tool.name: tool for tool in await client.list_tools()}
 
     tools = run(listed())
@@ -143,7 +144,6 @@ def test_bad_input_is_a_clear_tool_error_and_writes_nothing(redis: Redis) -> Non
 
 def test_redis_unavailable_is_a_tool_error(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
-    _reset_caches()
     assert tool_error("get_task", {"job_id": "f00d"}) == "Redis is unavailable; try again shortly"
 
 

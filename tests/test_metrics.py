@@ -11,7 +11,8 @@ from redis import Redis
 
 from herald.infra import metrics
 from herald.mailsink import MailSink
-from settings import get_settings
+from settings import Settings
+from tests.conftest import MakeClient
 from tests.helpers import wait_until
 
 EMAIL = {"to": "ann@example.com", "subject": "Hi", "body": "Welcome"}
@@ -73,7 +74,7 @@ def test_gauges_and_enqueue_counters_without_a_worker(client: TestClient, redis:
 
 
 def test_jobs_and_deliveries_run_by_a_worker_are_counted(
-    client: TestClient, smtp: MailSink, worker: object, monkeypatch: pytest.MonkeyPatch
+    client: TestClient, smtp: MailSink, worker: object, monkeypatch: pytest.MonkeyPatch, make_client: MakeClient
 ) -> None:
     wait_job(client, client.post("/send-email", json=EMAIL).json()["job_id"], "finished")
     smtp.fail_next(1, "550 5.1.1 No such user")
@@ -83,7 +84,7 @@ def test_jobs_and_deliveries_run_by_a_worker_are_counted(
     wait_job(client, delivered["job_id"], "finished")  # after the job's callbacks
     assert delivered["attempts"] == 2
     monkeypatch.setenv("EMAIL_MAX_ATTEMPTS", "1")
-    get_settings.cache_clear()
+    client = make_client(Settings())  # the API with the new setting
     smtp.fail_next(1, "451 4.3.0 Mailbox busy")  # no attempt left: retries exhausted
     wait_job(client, wait_delivery(client, notify(client), "failed")["job_id"], "failed")
 
@@ -109,12 +110,12 @@ def test_jobs_and_deliveries_run_by_a_worker_are_counted(
 
 
 def test_canceled_deliveries_and_rejections_are_counted(
-    client: TestClient, redis: Redis, monkeypatch: pytest.MonkeyPatch
+    client: TestClient, redis: Redis, monkeypatch: pytest.MonkeyPatch, make_client: MakeClient
 ) -> None:
     notification_id = notify(client)
     assert client.delete(f"/notifications/{notification_id}").status_code == 200
     monkeypatch.setenv("QUEUE_MAX_WAITING", "1")
-    get_settings.cache_clear()
+    client = make_client(Settings())  # the API with the new setting
     assert client.post("/jobs", json={"task": "noop", "priority": "high"}).status_code == 202
     assert client.post("/jobs", json={"task": "noop", "priority": "high"}).status_code == 429
     samples = scrape(client)
@@ -138,6 +139,5 @@ def test_metrics_answer_503_when_redis_is_unavailable(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, refused_redis_url: str
 ) -> None:
     monkeypatch.setenv("REDIS_URL", refused_redis_url)
-    get_settings.cache_clear()
     response = client.get("/metrics")
     assert response.status_code == 503 and "detail" in response.json()

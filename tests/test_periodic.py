@@ -19,7 +19,7 @@ import scheduler
 from herald.jobs import cron
 from herald.notify.channels import in_app
 from herald.notify.channels.base import Message
-from settings import QUEUE_NAMES, get_settings
+from settings import QUEUE_NAMES, Settings
 from tasks import noop
 from tests.conftest import StartProcess
 from tests.helpers import stop_process, wait_until
@@ -188,17 +188,18 @@ def _item(number: int, user_id: str, age: timedelta) -> Message:
 def test_purge_expired_removes_inbox_items_past_retention(
     client: TestClient, redis: Redis, processes: StartProcess
 ) -> None:
-    retention = timedelta(days=get_settings().inbox_retention_days)
+    settings = Settings()
+    retention = timedelta(days=settings.inbox_retention_days)
     old, kept = retention + timedelta(hours=1), retention - timedelta(hours=1)
     for number, user_id, age in [(1, "gone", old), (2, "gone", old), (3, "mixed", old), (4, "mixed", old)]:
-        in_app.send(_item(number, user_id, age))
+        in_app.send(settings, _item(number, user_id, age))
     for number, age in [(5, kept), (6, timedelta(0))]:
-        in_app.send(_item(number, "mixed", age))
-    in_app.mark_read("mixed", "n3")
+        in_app.send(settings, _item(number, "mixed", age))
+    in_app.mark_read(redis, "mixed", "n3")
     processes("worker.py", wait_for_workers=1)
     answer = client.post("/jobs", json={"task": "purge_expired", "priority": "low"}).json()
     job = wait_until(lambda: (j := client.get(answer["status_url"]).json())["status"] == "finished" and j)
     assert job["result"] == {"inbox_items": 4, "inboxes": 2}
-    total, items = in_app.list_items("mixed", 0, 10)
-    assert (total, [item["id"] for item in items], in_app.unread_count("mixed")) == (2, ["n6", "n5"], 2)
+    total, items = in_app.list_items(redis, "mixed", 0, 10)
+    assert (total, [item["id"] for item in items], in_app.unread_count(redis, "mixed")) == (2, ["n6", "n5"], 2)
     assert list(redis.scan_iter("inbox:{gone}:*")) == []

@@ -218,7 +218,6 @@ def test_a_send_at_inside_quiet_hours_waits_for_the_morning_across_a_dst_change(
     """22:00 to 07:00 in Berlin: due at 00:30 on the night the clocks change, held until 07:00 local,
     05:00 UTC after springing forward, 06:00 UTC after falling back."""
     monkeypatch.setenv("SCHEDULE_HORIZON_DAYS", "400")
-    __import__("settings").get_settings.cache_clear()
     _put(client, "ann", {"quiet_hours": EXAMPLE["quiet_hours"]})
     night = _next_berlin_change(month)
     send_at = f"{night.isoformat()}T00:30:00{offset}"

@@ -6,8 +6,6 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
-from settings import get_settings
-
 
 def test_not_ready_without_a_worker_though_alive(client: TestClient) -> None:
     response = client.get("/readyz")
@@ -31,7 +29,6 @@ def test_not_ready_when_redis_does_not_answer(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, refused_redis_url: str
 ) -> None:
     monkeypatch.setenv("REDIS_URL", refused_redis_url)
-    get_settings.cache_clear()
     response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json() == {"detail": "Redis does not answer: ConnectionError"}

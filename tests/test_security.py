@@ -45,7 +45,6 @@ KEYS = ("key-one", "key-two")
 def use_settings(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
     for name, value in values.items():
         monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
 
 
 def written(redis: Redis) -> set[bytes]:
@@ -57,7 +56,7 @@ def written(redis: Redis) -> set[bytes]:
 def keyed(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> TestClient:
     """The API with two keys set, comma-separated as in an env file (blank entries are dropped)."""
     use_settings(monkeypatch, API_KEYS=f" {KEYS[0]}, ,{KEYS[1]} ")
-    return make_client(get_settings())
+    return make_client(Settings())
 
 
 # API keys
@@ -117,8 +116,8 @@ def test_probes_metrics_and_docs_need_no_key(keyed: TestClient) -> None:
 def test_the_dashboard_keeps_its_own_basic_auth(monkeypatch: pytest.MonkeyPatch, redis: Redis) -> None:
     use_settings(monkeypatch, API_KEYS=KEYS[0], DASHBOARD_PASSWORD="dash-pass")
     app = FastAPI()
-    app.add_middleware(ApiKeyMiddleware, settings=get_settings())
-    mount_dashboard(app, get_settings())
+    app.add_middleware(ApiKeyMiddleware, settings=Settings())
+    mount_dashboard(app, Settings())
     with TestClient(app) as dashboard:
         refused = dashboard.get("/rq/0/data/queues.json")
         assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Basic ")
@@ -201,19 +200,16 @@ def run_body_limit(chunks: list[bytes]) -> tuple[list[Message], int, bytes | Non
         app_read.append(body)
 
     scope = {"type": "http", "method": "POST", "path": "/jobs", "headers": []}
-    asyncio.run(BodyLimitMiddleware(app, get_settings())(scope, receive, send))
+    asyncio.run(BodyLimitMiddleware(app, Settings())(scope, receive, send))
     return sent, receives, app_read[0] if app_read else None
 
 
 def test_body_limit_stops_reading_at_the_chunk_that_crosses_it(monkeypatch: pytest.MonkeyPatch) -> None:
     use_settings(monkeypatch, MAX_BODY_BYTES="10")
-    try:
-        sent, receives, body = run_body_limit([b"12345", b"67890", b"1", b"never read"])
-        assert (sent[0]["status"], receives, body) == (413, 3, None)
-        sent, receives, body = run_body_limit([b"12345", b"", b"67890"])
-        assert (sent, receives, body) == ([], 3, b"1234567890")
-    finally:
-        get_settings.cache_clear()
+    sent, receives, body = run_body_limit([b"12345", b"67890", b"1", b"never read"])
+    assert (sent[0]["status"], receives, body) == (413, 3, None)
+    sent, receives, body = run_body_limit([b"12345", b"", b"67890"])
+    assert (sent, receives, body) == ([], 3, b"1234567890")
 
 
 # Backpressure
@@ -224,7 +220,7 @@ def test_a_full_queue_is_429_with_retry_after_and_nothing_is_written(
 ) -> None:
     use_settings(monkeypatch, QUEUE_MAX_WAITING="2")
     rejected: list[str] = []
-    monkeypatch.setattr(metrics_hooks, "record_rejection", rejected.append)
+    monkeypatch.setattr(metrics_hooks, "record_rejection", lambda connection, queue: rejected.append(queue))
     for _ in range(2):
         assert client.post("/send-email", json=EMAIL).status_code == 202
     assert Queue("default", connection=redis).count == 2
@@ -253,6 +249,7 @@ def full_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, s
         with pytest.raises(OutOfMemoryError):
             for number in range(1_000):
                 connection.set(f"filler:{number}", b"x" * 65_536)
+        connection.config_set("maxmemory", "1mb")  # well below: a client buffer Redis frees makes no room
         use_settings(monkeypatch, REDIS_URL=f"{server.connection_url}/0")
         yield connection
     finally:
@@ -330,7 +327,7 @@ def test_a_password_in_redis_url_works_for_api_worker_scheduler_rq_and_dashboard
     without_password = f"redis://127.0.0.1:{password_redis}/0"
     with pytest.raises(AuthenticationError), Redis.from_url(without_password) as anonymous:
         anonymous.ping()
-    with TestClient(__import__("app").create_app(get_settings()), raise_server_exceptions=False) as api:
+    with TestClient(__import__("app").create_app(Settings()), raise_server_exceptions=False) as api:
         now = api.post("/jobs", json={"task": "noop"}).json()["job_id"]
         later = api.post("/jobs", json={"task": "noop", "delay_seconds": 0.2}).json()["job_id"]
 
@@ -348,7 +345,7 @@ def test_a_password_in_redis_url_works_for_api_worker_scheduler_rq_and_dashboard
     assert run("rq", "info", "-c", "rqconfig", env={"REDIS_URL": without_password}) != 0
     use_settings(monkeypatch, DASHBOARD_PASSWORD="dash-pass")
     app = FastAPI()
-    mount_dashboard(app, get_settings())
+    mount_dashboard(app, Settings())
     with TestClient(app) as dashboard:
         response = dashboard.get("/rq/0/data/queues.json", auth=("admin", "dash-pass"))
     assert response.status_code == 200 and "queues" in response.json()
@@ -381,7 +378,7 @@ def test_the_redis_password_appears_in_no_output_and_no_answer_of_the_running_se
         answers += [_answer("GET", f"{api}{path}") for path in ("/metrics", "/readyz", "/job/a!b", f"/job/{job}x")]
         answers += [_answer("POST", f"{api}/jobs", json={"task": "nope"})]
         answers += [_answer("GET", f"{api}/rq/{path}", auth=dashboard) for path in ("", "0/data/queues.json")]
-        with Redis.from_url(get_settings().redis_url) as connection:
+        with Redis.from_url(Settings().redis_url) as connection:
             os.kill(int(connection.info("server")["process_id"]), signal.SIGKILL)
         answers += [_answer("GET", f"{api}/healthz"), _answer("POST", f"{api}/send-email", json=EMAIL)]
         answers += [_answer("GET", f"{api}/rq/0/data/queues.json", auth=dashboard)]
@@ -424,7 +421,6 @@ def production(monkeypatch: pytest.MonkeyPatch, refused_redis_url: str) -> Itera
     """Production settings; `REDIS_URL` refuses connections (the machine's own Redis is never reached)."""
     use_settings(monkeypatch, **PRODUCTION, REDIS_URL=refused_redis_url)
     yield {**PRODUCTION, "REDIS_URL": refused_redis_url}
-    get_settings.cache_clear()
 
 
 def test_production_accepts_all_three_secrets(production: dict[str, str]) -> None:
@@ -463,12 +459,14 @@ def test_run_command_refuses_production_without_keys_and_names_local_mode(
     production: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     use_settings(monkeypatch, API_KEYS="")
+    get_settings.cache_clear()  # `serve.main` is an entry point: it reads this process's settings
     assert serve.main([]) == 1
     assert "ENVIRONMENT=production requires API_KEYS" in capsys.readouterr().err
     use_settings(monkeypatch, ENVIRONMENT="local")
+    get_settings.cache_clear()
     assert serve.main(["--host", "0.0.0.0"]) == 1
     assert "without API keys; set API_KEYS" in capsys.readouterr().err
-    banner = serve.banner(get_settings(), serve.Options(), embedded=False, password="pw")
+    banner = serve.banner(Settings(), serve.Options(), embedded=False, password="pw")
     assert "  API keys: none (local mode, open on 127.0.0.1)" in banner.splitlines()
 
 
@@ -477,14 +475,14 @@ def test_run_command_refuses_production_without_keys_and_names_local_mode(
 
 def test_a_single_api_key_guards_the_api(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
     use_settings(monkeypatch, API_KEY=" solo-key ")
-    client = make_client(get_settings())
+    client = make_client(Settings())
     assert client.post("/send-email", json=EMAIL).status_code == 401
     assert client.post("/send-email", json=EMAIL, headers={"X-API-Key": "solo-key"}).status_code == 202
 
 
 def test_api_key_and_api_keys_together_accept_each(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
     use_settings(monkeypatch, API_KEY="solo-key", API_KEYS=",".join(KEYS))
-    client = make_client(get_settings())
+    client = make_client(Settings())
     for key in ("solo-key", *KEYS):
         assert client.get("/jobs/failed", headers={"Authorization": f"Bearer {key}"}).status_code == 200, key
     assert client.get("/jobs/failed", headers={"X-API-Key": "other"}).status_code == 401

@@ -20,7 +20,7 @@ from herald import mailsink
 from herald.infra import connections
 from herald.jobs import queues
 from settings import Settings
-from tests.conftest import StartProcess, _reset_caches
+from tests.conftest import StartProcess
 from tests.helpers import ROOT, stop_process, wait_for_http, wait_until
 from tests.replication import MASTER_NAME, ReplicaSet
 
@@ -49,9 +49,7 @@ def sentinel_env(
     """
     for name, value in {"REDIS_URL": replica_set.url, "DASHBOARD_PASSWORD": PASSWORD}.items():
         monkeypatch.setenv(name, value)
-    _reset_caches()
     yield env
-    _reset_caches()
 
 
 def test_the_sentinel_url_is_read_as_rq_dashboard_reads_it() -> None:
@@ -139,7 +137,8 @@ def test_every_process_finds_the_primary_through_sentinel_and_follows_a_failover
 
 
 def test_the_stock_rq_worker_runs_jobs_through_sentinel_with_rqconfig(sentinel_env: dict[str, str]) -> None:
-    job = queues.enqueue_task("noop", {}, "low")
+    settings = Settings()
+    job = queues.enqueue_task(settings, "noop", {}, "low")
     run = rq_cli("worker", "--burst", "high", "default", "low")
     assert run.returncode == 0, run.stdout + run.stderr
-    assert queues.fetch_job(job.id).get_status().value == "finished"
+    assert queues.fetch_job(settings, job.id).get_status().value == "finished"

@@ -17,7 +17,7 @@ from rq.registry import StartedJobRegistry
 
 from herald.jobs import queues
 from herald.rq_seam.recovery import CLAIMS_KEY
-from settings import get_settings
+from settings import Settings
 from tests import fixtures
 from tests.conftest import StartProcess
 from tests.helpers import kill_worker, wait_until
@@ -26,7 +26,7 @@ from tests.helpers import kill_worker, wait_until
 def _enqueue(redis: Redis, function: Callable[..., object], *args: object) -> Job:
     """A job with the service's retries and failure callback."""
     return Queue("default", connection=redis).enqueue(
-        function, *args, retry=queues.retry_policy(get_settings()), on_failure=Callback(queues.on_job_failure)
+        function, *args, retry=queues.retry_policy(Settings()), on_failure=Callback(queues.on_job_failure)
     )
 
 
@@ -37,7 +37,6 @@ def _runs(redis: Redis, job: Job) -> int:
 def _set(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
     for name, value in values.items():
         monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
 
 
 @pytest.mark.parametrize("kind", ["simple", "fork"])

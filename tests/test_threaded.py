@@ -15,7 +15,6 @@ from rq.job import JobStatus
 from rq.registry import FinishedJobRegistry
 
 from herald.rq_seam.recovery import CLAIMS_KEY
-from settings import get_settings
 from tests import fixtures
 from tests.conftest import StartProcess
 from tests.helpers import wait_until
@@ -30,7 +29,6 @@ def threads(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> int:
     """Four threads per worker process, here and in the workers."""
     monkeypatch.setenv("WORKER_THREADS", "4")
     env["WORKER_THREADS"] = "4"
-    get_settings.cache_clear()
     return 4
 
 
@@ -84,7 +82,6 @@ def test_a_job_over_its_timeout_fails_in_its_thread(
     for name, value in {"JOB_TIMEOUT_SECONDS": "1", "WEBHOOK_MAX_ATTEMPTS": "1"}.items():
         monkeypatch.setenv(name, value)
         env[name] = value
-    get_settings.cache_clear()
     webhooks.delay = 5
     (job_id,) = _webhooks(client, webhooks.url, 1)
     processes("worker.py", "--processes", "1", wait_for_workers=1)

@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from redis import Redis
 
 from herald import mailsink
-from settings import get_settings
-from tests.conftest import _reset_caches
+from settings import Settings
+from tests.conftest import MakeClient
 from tests.replication import ReplicaSet
 
 EMAIL = {"to": "ann@example.com", "subject": "Hi", "body": "Welcome"}
@@ -44,14 +44,12 @@ def app_waiting_for(
 ) -> Iterator[TestClient]:
     for name, value in {"REDIS_URL": nodes.direct_url, "REDIS_WAIT_REPLICAS": str(replicas), **settings}.items():
         monkeypatch.setenv(name, value)
-    _reset_caches()
     try:
-        with TestClient(__import__("app").create_app(get_settings()), raise_server_exceptions=False) as client:
+        with TestClient(__import__("app").create_app(Settings()), raise_server_exceptions=False) as client:
             yield client
     finally:
         with Redis.from_url(nodes.direct_url) as primary:
             primary.flushdb()
-        _reset_caches()
 
 
 @pytest.fixture
@@ -83,27 +81,28 @@ def test_work_too_few_replicas_confirm_is_refused_with_503_saying_a_retry_is_saf
     assert "may exist" in response.json()["detail"] and "Idempotency-Key" in response.json()["detail"]
 
 
-def wait_for(monkeypatch: pytest.MonkeyPatch, replicas: int) -> None:
+def waiting_for(monkeypatch: pytest.MonkeyPatch, make_client: MakeClient, replicas: int) -> TestClient:
+    """The same API, now waiting for `replicas` replicas."""
     monkeypatch.setenv("REDIS_WAIT_REPLICAS", str(replicas))
-    _reset_caches()
+    return make_client(Settings())
 
 
-def test_a_cancel_waits_for_replicas_too(monkeypatch: pytest.MonkeyPatch, one_replica: TestClient) -> None:
+def test_a_cancel_waits_for_replicas_too(
+    monkeypatch: pytest.MonkeyPatch, one_replica: TestClient, make_client: MakeClient
+) -> None:
     job_id = one_replica.post("/jobs", json={"task": "noop", "delay_seconds": 60}).json()["job_id"]
-    wait_for(monkeypatch, 2)
-    assert one_replica.delete(f"/job/{job_id}").status_code == 503
+    assert waiting_for(monkeypatch, make_client, 2).delete(f"/job/{job_id}").status_code == 503
 
 
 def test_a_retry_with_the_same_idempotency_key_is_answered_once_replicas_have_it(
-    monkeypatch: pytest.MonkeyPatch, two_replicas: TestClient, replicated: ReplicaSet
+    monkeypatch: pytest.MonkeyPatch, two_replicas: TestClient, replicated: ReplicaSet, make_client: MakeClient
 ) -> None:
     headers = {"Idempotency-Key": "order-7"}
     refused = two_replicas.post("/send-email", json=EMAIL, headers=headers)
     assert refused.status_code == 503
     with Redis.from_url(replicated.direct_url) as primary:
         jobs_before = primary.keys("rq:job:*")
-    wait_for(monkeypatch, 1)
-    retried = two_replicas.post("/send-email", json=EMAIL, headers=headers)
+    retried = waiting_for(monkeypatch, make_client, 1).post("/send-email", json=EMAIL, headers=headers)
     assert retried.status_code == 202, retried.text
     with Redis.from_url(replicated.direct_url) as primary:
         assert primary.keys("rq:job:*") == jobs_before  # the first request's job, not a second one

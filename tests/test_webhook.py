@@ -24,7 +24,7 @@ import pytest
 from herald.exceptions import PermanentError, TransientError
 from herald.notify.channels import webhook
 from herald.notify.channels.base import Message
-from settings import get_settings
+from settings import Settings
 from tests.receiver import Receiver, verify_signature
 
 SECRET = "whsec_" + base64.b64encode(b"test-only webhook signing key").decode()
@@ -73,9 +73,7 @@ def webhook_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("WEBHOOK_SECRET", SECRET)
     monkeypatch.setenv("WEBHOOK_ALLOW_PRIVATE", "true")
     monkeypatch.setenv("WEBHOOK_TIMEOUT_SECONDS", str(TIMEOUT))
-    get_settings.cache_clear()
     yield
-    get_settings.cache_clear()
 
 
 @pytest.fixture
@@ -87,7 +85,6 @@ def receiver() -> Iterator[Receiver]:
 
 def allow_private(monkeypatch: pytest.MonkeyPatch, allowed: bool) -> None:
     monkeypatch.setenv("WEBHOOK_ALLOW_PRIVATE", str(allowed).lower())
-    get_settings.cache_clear()
 
 
 def to(url: str, message: Message = MESSAGE) -> Message:
@@ -125,7 +122,7 @@ def free_port() -> int:
 
 def test_delivers_signed_json_with_the_documented_body(receiver: Receiver) -> None:
     before = time.time()
-    webhook.send(to(f"{receiver.url}/hooks/in?src=notifications"))
+    webhook.send(Settings(), to(f"{receiver.url}/hooks/in?src=notifications"))
 
     [request] = receiver.wait_for(1)
     assert (request.method, request.path) == ("POST", "/hooks/in?src=notifications")
@@ -155,7 +152,7 @@ def test_delivers_signed_json_with_the_documented_body(receiver: Receiver) -> No
 
 
 def test_signature_fails_with_another_secret_a_changed_body_or_an_old_timestamp(receiver: Receiver) -> None:
-    webhook.send(to(receiver.url))
+    webhook.send(Settings(), to(receiver.url))
     [request] = receiver.wait_for(1)
     other_secret = "whsec_" + base64.b64encode(b"another key").decode()
     assert not verify_signature(other_secret, request.headers, request.body)
@@ -167,7 +164,7 @@ def test_payload_cannot_replace_standard_fields_and_optional_ones_are_null(recei
     message = Message(
         delivery_id="dlv_2", notification_id="ntf_2", user_id="usr_2", title="t", body="b", payload={"user_id": "x"}
     )
-    webhook.send(to(receiver.url, message))
+    webhook.send(Settings(), to(receiver.url, message))
     [request] = receiver.wait_for(1)
     document = json.loads(request.body)
     assert document["data"]["user_id"] == "usr_2"
@@ -180,8 +177,8 @@ def test_payload_cannot_replace_standard_fields_and_optional_ones_are_null(recei
 def test_a_retry_sends_the_same_id_and_body(receiver: Receiver) -> None:
     receiver.fail_next(1, 503)
     with pytest.raises(TransientError):
-        webhook.send(to(receiver.url))
-    webhook.send(to(receiver.url))
+        webhook.send(Settings(), to(receiver.url))
+    webhook.send(Settings(), to(receiver.url))
     first, second = receiver.wait_for(2)
     assert first.headers["webhook-id"] == second.headers["webhook-id"] == "dlv_1"
     assert first.body == second.body
@@ -195,20 +192,20 @@ def test_a_retry_sends_the_same_id_and_body(receiver: Receiver) -> None:
 def test_retryable_statuses_are_transient(receiver: Receiver, status: int) -> None:
     receiver.fail_next(1, status)
     with pytest.raises(TransientError, match=f"answered {status}"):
-        webhook.send(to(receiver.url))
+        webhook.send(Settings(), to(receiver.url))
 
 
 @pytest.mark.parametrize("status", [400, 404, 410])
 def test_other_client_errors_are_permanent(receiver: Receiver, status: int) -> None:
     receiver.fail_next(1, status, body=b"missing field: user")
     with pytest.raises(PermanentError, match=f"answered {status} .*: missing field: user"):
-        webhook.send(to(receiver.url))
+        webhook.send(Settings(), to(receiver.url))
 
 
 def test_a_redirect_is_permanent_and_not_followed(receiver: Receiver) -> None:
     receiver.fail_next(1, 302, headers={"location": f"{receiver.url}/elsewhere"})
     with pytest.raises(PermanentError, match=r"302 Found .*redirects are not followed"):
-        webhook.send(to(f"{receiver.url}/hook"))
+        webhook.send(Settings(), to(f"{receiver.url}/hook"))
     assert [request.path for request in receiver.requests] == ["/hook"]
 
 
@@ -216,7 +213,7 @@ def test_error_messages_hold_neither_the_secret_nor_the_signature(receiver: Rece
     echo = lambda request: request.headers["webhook-signature"].encode() + SECRET.encode()  # noqa: E731
     receiver.fail_next(1, 400, body=echo)
     with pytest.raises(PermanentError) as raised:
-        webhook.send(to(receiver.url))
+        webhook.send(Settings(), to(receiver.url))
     signature = receiver.requests[0].headers["webhook-signature"]
     assert signature.partition(",")[2] not in str(raised.value)
     assert SECRET not in str(raised.value)
@@ -225,7 +222,7 @@ def test_error_messages_hold_neither_the_secret_nor_the_signature(receiver: Rece
 
 def test_connection_refused_is_transient() -> None:
     with pytest.raises(TransientError, match="unreachable"):
-        webhook.send(to(f"http://127.0.0.1:{free_port()}/"))
+        webhook.send(Settings(), to(f"http://127.0.0.1:{free_port()}/"))
 
 
 def test_a_slow_receiver_times_out_as_transient(receiver: Receiver) -> None:
@@ -233,7 +230,7 @@ def test_a_slow_receiver_times_out_as_transient(receiver: Receiver) -> None:
     receiver.delay = 5 * TIMEOUT
     started = time.monotonic()
     with pytest.raises(TransientError, match="timed out"):
-        webhook.send(to(receiver.url))
+        webhook.send(Settings(), to(receiver.url))
     assert time.monotonic() - started >= TIMEOUT
     assert len(receiver.requests) == 1
 
@@ -245,20 +242,19 @@ def test_the_secret_must_be_base64(
     monkeypatch: pytest.MonkeyPatch, receiver: Receiver, secret: str, valid: bool
 ) -> None:
     monkeypatch.setenv("WEBHOOK_SECRET", secret)
-    get_settings.cache_clear()
     if valid:
-        webhook.send(to(receiver.url))
+        webhook.send(Settings(), to(receiver.url))
         assert verify_signature(secret, receiver.requests[0].headers, receiver.requests[0].body)
     else:
         with pytest.raises(PermanentError, match="WEBHOOK_SECRET") as raised:
-            webhook.send(to(receiver.url))
+            webhook.send(Settings(), to(receiver.url))
         assert "!!!" not in str(raised.value)
         assert receiver.requests == []
 
 
 def test_no_target_is_permanent() -> None:
     with pytest.raises(PermanentError, match="no webhook URL"):
-        webhook.send(MESSAGE)
+        webhook.send(Settings(), MESSAGE)
 
 
 # SSRF guard
@@ -314,7 +310,7 @@ def test_send_refuses_unsafe_urls_without_any_connection(monkeypatch: pytest.Mon
     with no_connections() as attempts:
         for url in refused_urls(receiver.port):
             with pytest.raises(PermanentError):
-                webhook.send(to(url))
+                webhook.send(Settings(), to(url))
     assert attempts == []
     assert receiver.requests == []
 
@@ -353,7 +349,7 @@ def test_a_host_that_does_not_resolve_is_transient(monkeypatch: pytest.MonkeyPat
     assert isinstance(raised.value, TransientError)
     assert isinstance(raised.value, ValueError)
     with pytest.raises(TransientError, match="does not resolve"):
-        webhook.send(to("http://gone.example.test/"))
+        webhook.send(Settings(), to("http://gone.example.test/"))
 
 
 def test_send_resolves_once_and_connects_to_the_checked_address(
@@ -361,7 +357,7 @@ def test_send_resolves_once_and_connects_to_the_checked_address(
 ) -> None:
     """Against DNS rebinding: no second lookup between the check and the connection."""
     lookups = fake_dns(monkeypatch, {"hooks.example.test": ["127.0.0.1"]})
-    webhook.send(to(f"http://hooks.example.test:{receiver.port}/in"))
+    webhook.send(Settings(), to(f"http://hooks.example.test:{receiver.port}/in"))
     [request] = receiver.wait_for(1)
     assert request.headers["host"] == f"hooks.example.test:{receiver.port}"
     assert lookups == ["hooks.example.test"]
@@ -400,10 +396,10 @@ def test_https_verifies_the_url_host_while_connecting_to_the_checked_address(
     monkeypatch: pytest.MonkeyPatch, tls_receiver: Receiver
 ) -> None:
     fake_dns(monkeypatch, {"hooks.example.test": ["127.0.0.1"], "other.example.test": ["127.0.0.1"]})
-    webhook.send(to(f"https://hooks.example.test:{tls_receiver.port}/in"))
+    webhook.send(Settings(), to(f"https://hooks.example.test:{tls_receiver.port}/in"))
     [request] = tls_receiver.wait_for(1)
     assert verify_signature(SECRET, request.headers, request.body)
 
     with pytest.raises(TransientError, match=r"CERTIFICATE_VERIFY_FAILED"):
-        webhook.send(to(f"https://other.example.test:{tls_receiver.port}/in"))
+        webhook.send(Settings(), to(f"https://other.example.test:{tls_receiver.port}/in"))
     assert len(tls_receiver.requests) == 1

@@ -26,7 +26,7 @@ from herald.infra import metrics
 from herald.jobs import queues
 from herald.rq_seam import recovery
 from herald.rq_seam.recovery import ClaimingQueue, Wakeups
-from settings import get_settings
+from settings import Settings
 from tests import fixtures
 from tests.conftest import StartProcess
 from tests.helpers import wait_until
@@ -44,7 +44,7 @@ FAST_RECOVERY = {
 def _enqueue(redis: Redis, function: Callable[..., object], *args: object) -> Job:
     """A job with the service's retries and failure callback."""
     return Queue("default", connection=redis).enqueue(
-        function, *args, retry=queues.retry_policy(get_settings()), on_failure=Callback(queues.on_job_failure)
+        function, *args, retry=queues.retry_policy(Settings()), on_failure=Callback(queues.on_job_failure)
     )
 
 
@@ -55,7 +55,6 @@ def _finished(*jobs: Job) -> bool:
 def _set(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
     for name, value in values.items():
         monkeypatch.setenv(name, value)
-    get_settings.cache_clear()
 
 
 def test_a_process_is_replaced_after_its_share_of_jobs(

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
+from herald.api.state import AppSettings
 from herald.infra import connections
 from herald.infra.patterns import ID_PATTERN
 from herald.notify.channels import in_app
@@ -50,14 +51,16 @@ class InboxPage(BaseModel):
 
 @router.get("/users/{user_id}/notifications", response_model=InboxPage)
 def list_notifications(
+    settings: AppSettings,
     user_id: UserId,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     unread: bool = False,
 ) -> InboxPage:
     """The user's in-app notifications, newest first; `unread=true` lists only the unread ones."""
-    total, items = in_app.list_items(user_id, offset, limit, unread_only=unread)
-    unread_count = total if unread else in_app.unread_count(user_id)
+    client = connections.redis_client(settings)
+    total, items = in_app.list_items(client, user_id, offset, limit, unread_only=unread)
+    unread_count = total if unread else in_app.unread_count(client, user_id)
     page = [InboxItem.model_validate(item) for item in items]
     return InboxPage(total=total, unread=unread_count, offset=offset, limit=limit, items=page)
 
@@ -67,16 +70,21 @@ def list_notifications(
     response_model=InboxItem,
     responses={404: {"model": Problem}},
 )
-def mark_notification_read(user_id: UserId, notification_id: NotificationId) -> InboxItem:
+def mark_notification_read(settings: AppSettings, user_id: UserId, notification_id: NotificationId) -> InboxItem:
     """Mark one notification read (again is fine); 404 when the inbox has no such notification."""
-    item = in_app.get_item(user_id, notification_id) if in_app.mark_read(user_id, notification_id) else None
+    client = connections.redis_client(settings)
+    item = (
+        in_app.get_item(client, user_id, notification_id)
+        if in_app.mark_read(client, user_id, notification_id)
+        else None
+    )
     if item is None:
         raise HTTPException(404, f"user {user_id!r} has no notification {notification_id!r}")
     return InboxItem.model_validate(item)
 
 
 @router.websocket("/ws/users/{user_id}")
-async def notification_stream(websocket: WebSocket, user_id: str) -> None:
+async def notification_stream(websocket: WebSocket, user_id: str, settings: AppSettings) -> None:
     """Each new in-app notification of the user as a JSON text frame, until the client leaves.
 
     The subscription is in place before the handshake completes: nothing published after the
@@ -85,7 +93,7 @@ async def notification_stream(websocket: WebSocket, user_id: str) -> None:
     if not in_app.valid_user_id(user_id):
         await _refuse(websocket, status.WS_1008_POLICY_VIOLATION, "invalid user id")
         return
-    async with connections.async_redis_client().pubsub(ignore_subscribe_messages=True) as pubsub:
+    async with connections.async_redis_client(settings).pubsub(ignore_subscribe_messages=True) as pubsub:
         try:
             await pubsub.subscribe(in_app.channel_name(user_id))
         except RedisError as exc:

@@ -1,10 +1,10 @@
 """The service for AI agents over the Model Context Protocol: the REST job operations as MCP tools.
 
 Each tool takes and returns the same pydantic models as its REST route (`schemas`) and calls the same
-function in `queues` or `dispatch`, so the two interfaces cannot drift apart. Errors a client can act on
-(unknown task or job, a job in the wrong state, unusable input, Redis away) become `ToolError`s with a
-clear message; anything else is masked. Served over streamable HTTP at `/mcp/` by `app.py`, behind the
-same API key as the REST routes.
+function in `queues` or `dispatch` with the app's settings (`build`), so the two interfaces cannot drift
+apart. Errors a client can act on (unknown task or job, a job in the wrong state, unusable input, Redis
+away) become `ToolError`s with a clear message; anything else is masked. Served over streamable HTTP at
+`/mcp/` by `app.py`, behind the same API key as the REST routes.
 """
 
 from __future__ import annotations
@@ -34,16 +34,9 @@ from herald.schemas import (
     NotificationAccepted,
     NotificationRequest,
     Priority,
+    Schedule,
 )
-
-mcp = FastMCP(
-    "jobs",
-    instructions=(
-        "Queue background jobs and notifications, follow them, and handle failures. A task of kind "
-        "await_completion waits for a person or outside system: finish it with complete_task."
-    ),
-    mask_error_details=True,
-)
+from settings import Settings
 
 JobId = Annotated[str, Field(pattern=JOB_ID_PATTERN, description="The id returned when the job was created.")]
 READ_ONLY = {"readOnlyHint": True}
@@ -68,6 +61,12 @@ def _problems(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, error['loc'])) or 'kwargs'}: {error['msg']}" for error in exc.errors())
 
 
+def _on_time(settings: Settings, request: Schedule) -> None:
+    """A due time beyond the horizon or too far in the past is refused, as the REST routes refuse it."""
+    if problem := request.schedule_problem(settings):
+        raise ToolError(f"invalid request: {problem}")
+
+
 def _correlation_id() -> str:
     """Over HTTP, the request's X-Request-ID (set by app.py's middleware); else a new id."""
     try:
@@ -77,57 +76,67 @@ def _correlation_id() -> str:
     return given if isinstance(given, str) and given else uuid4().hex
 
 
-@mcp.tool
-def create_task(request: JobRequest) -> JobAccepted:
-    """Queue a registered task (`POST /jobs`): now, or after `delay_seconds` / at `send_at`.
+def build(settings: Settings) -> FastMCP:
+    """The MCP server of an app with `settings`: each tool calls `queues` or `dispatch` with them."""
+    mcp = FastMCP(
+        "jobs",
+        instructions=(
+            "Queue background jobs and notifications, follow them, and handle failures. A task of kind "
+            "await_completion waits for a person or outside system: finish it with complete_task."
+        ),
+        mask_error_details=True,
+    )
 
-    Tasks: `send_email` (kwargs to, subject, body), `noop`, and `await_completion` (kwargs description),
-    which no worker runs: it waits until `complete_task` finishes it.
-    """
-    with _tool_errors():
-        job = queues.enqueue_task(request.task, request.kwargs, request.priority, request.due_at())
-        return queues.job_accepted(job)
+    @mcp.tool
+    def create_task(request: JobRequest) -> JobAccepted:
+        """Queue a registered task (`POST /jobs`): now, or after `delay_seconds` / at `send_at`.
 
+        Tasks: `send_email` (kwargs to, subject, body), `noop`, and `await_completion` (kwargs description),
+        which no worker runs: it waits until `complete_task` finishes it.
+        """
+        _on_time(settings, request)
+        with _tool_errors():
+            job = queues.enqueue_task(settings, request.task, request.kwargs, request.priority, request.due_at())
+            return queues.job_accepted(job)
 
-@mcp.tool(annotations=READ_ONLY)
-def get_task(job_id: JobId) -> JobView:
-    """A job's status (`GET /job/{id}`): queued, scheduled, started, finished, failed, waiting, ...;
-    its times, retries left, result and last error."""
-    with _tool_errors():
-        return queues.job_view(queues.fetch_job(job_id))
+    @mcp.tool(annotations=READ_ONLY)
+    def get_task(job_id: JobId) -> JobView:
+        """A job's status (`GET /job/{id}`): queued, scheduled, started, finished, failed, waiting, ...;
+        its times, retries left, result and last error."""
+        with _tool_errors():
+            return queues.job_view(queues.fetch_job(settings, job_id))
 
+    @mcp.tool
+    def complete_task(
+        job_id: JobId, result: Annotated[JsonValue, Field(description="the outcome, any JSON value")] = None
+    ) -> JobView:
+        """Finish a waiting `await_completion` job with its result; any other job, or one no longer
+        waiting, is refused (running jobs are never touched)."""
+        with _tool_errors():
+            return queues.job_view(queues.complete_job(settings, job_id, result))
 
-@mcp.tool
-def complete_task(
-    job_id: JobId, result: Annotated[JsonValue, Field(description="the outcome, any JSON value")] = None
-) -> JobView:
-    """Finish a waiting `await_completion` job with its result; any other job, or one no longer
-    waiting, is refused (running jobs are never touched)."""
-    with _tool_errors():
-        return queues.job_view(queues.complete_job(job_id, result))
+    @mcp.tool
+    def trigger_notification(request: NotificationRequest) -> NotificationAccepted:
+        """Notify a user over email, webhook and/or in_app (`POST /notifications`); one job per channel."""
+        _on_time(settings, request)
+        with _tool_errors():
+            return dispatch.create_notification(settings, request, _correlation_id())
 
+    @mcp.tool(annotations=READ_ONLY)
+    def list_failed(
+        queue: Priority | None = None,
+        offset: Annotated[int, Field(ge=0, le=1_000_000)] = 0,
+        limit: Annotated[int, Field(ge=1, le=200)] = 50,
+    ) -> JobPage:
+        """Failed jobs with their error, newest first (`GET /jobs/failed`); all queues unless one is named."""
+        with _tool_errors():
+            total, jobs = queues.failed_jobs(settings, queue, offset, limit)
+            return JobPage(total=total, offset=offset, limit=limit, jobs=[queues.job_view(job) for job in jobs])
 
-@mcp.tool
-def trigger_notification(request: NotificationRequest) -> NotificationAccepted:
-    """Notify a user over email, webhook and/or in_app (`POST /notifications`); one job per channel."""
-    with _tool_errors():
-        return dispatch.create_notification(request, _correlation_id())
+    @mcp.tool
+    def requeue(job_id: JobId) -> JobView:
+        """Put a failed job back on its queue with its retries restored (`POST /job/{id}/requeue`)."""
+        with _tool_errors():
+            return queues.job_view(queues.requeue_job(settings, job_id))
 
-
-@mcp.tool(annotations=READ_ONLY)
-def list_failed(
-    queue: Priority | None = None,
-    offset: Annotated[int, Field(ge=0, le=1_000_000)] = 0,
-    limit: Annotated[int, Field(ge=1, le=200)] = 50,
-) -> JobPage:
-    """Failed jobs with their error, newest first (`GET /jobs/failed`); all queues unless one is named."""
-    with _tool_errors():
-        total, jobs = queues.failed_jobs(queue, offset, limit)
-        return JobPage(total=total, offset=offset, limit=limit, jobs=[queues.job_view(job) for job in jobs])
-
-
-@mcp.tool
-def requeue(job_id: JobId) -> JobView:
-    """Put a failed job back on its queue with its retries restored (`POST /job/{id}/requeue`)."""
-    with _tool_errors():
-        return queues.job_view(queues.requeue_job(job_id))
+    return mcp

@@ -4,8 +4,8 @@
 With Sentinel a client asks the sentinels for the primary's address whenever it opens a connection
 (redis-py's `Sentinel.master_for`), so after a failover every process reaches the new primary by
 itself. `REDIS_SENTINEL_PASSWORD` is for sentinels that require one; the URL's password is the
-data nodes'. The API's clients (`client_for`, `async_redis_client`) are cached per URL, so a test
-that points `REDIS_URL` elsewhere and clears `get_settings` gets a client of the new server.
+data nodes'. The API's clients (`client_for`, `async_redis_client`) are cached per URL and timeout,
+so settings that name another server get a client of that server.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from herald.exceptions import NotReplicatedError
 from herald.infra import keys
-from settings import Settings, get_settings
+from settings import Settings
 
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
@@ -205,14 +205,16 @@ class _OneConnectionPool:
 
 
 @contextmanager
-def replicated_writes(replicas: int, timeout_ms: int) -> Iterator[None]:
-    """Run a block's writes through one connection, then `WAIT replicas timeout_ms` on it; raise
-    `NotReplicatedError` when fewer replicas confirm, or when the connection was opened again on the
-    way (its writes may have gone to a primary that is gone). Nested blocks wait once, at the end."""
+def replicated_writes(settings: Settings) -> Iterator[None]:
+    """Run a block's writes through one connection, then `WAIT REDIS_WAIT_REPLICAS REDIS_WAIT_TIMEOUT_MS`
+    on it; raise `NotReplicatedError` when fewer replicas confirm, or when the connection was opened
+    again on the way (its writes may have gone to a primary that is gone). Nested blocks wait once, at
+    the end."""
+    replicas, timeout_ms = settings.redis_wait_replicas, settings.redis_wait_timeout_ms
     if replicas <= 0 or _pinned.get() is not None:
         yield
         return
-    pool = redis_client().connection_pool
+    pool = redis_client(settings).connection_pool
     connection = pool.get_connection()
     lent = _OneConnectionPool(pool, connection)
     pin = _Pin(Redis(connection_pool=cast(ConnectionPool, lent)), connection)
@@ -243,25 +245,23 @@ def _sentinel_password(settings: Settings) -> str | None:
     return settings.redis_sentinel_password.get_secret_value() if settings.redis_sentinel_password else None
 
 
-def redis_client() -> Redis:
-    """The process's blocking client; every call waits at most `redis_socket_timeout` for Redis.
+def redis_client(settings: Settings) -> Redis:
+    """The process's blocking client of `settings`; every call waits at most `redis_socket_timeout` for Redis.
 
     Inside `replicated_writes`, the one connection that block's writes go through.
     """
     pinned = _pinned.get()
     if pinned is not None:
         return pinned.client
-    settings = get_settings()
     return client_for(settings.redis_url, settings.redis_socket_timeout, _sentinel_password(settings))
 
 
-def async_redis_client() -> aioredis.Redis:
+def async_redis_client(settings: Settings) -> aioredis.Redis:
     """The asyncio client of the running event loop, for the web server's pub/sub and enqueueing.
 
     A `pubsub().listen()` waits for messages without a time limit; commands, connecting and
     re-subscribing keep `redis_socket_timeout`.
     """
-    settings = get_settings()
     return _async_client(settings.redis_url, settings.redis_socket_timeout, _sentinel_password(settings))
 
 

@@ -15,7 +15,6 @@ import json
 import logging
 import re
 import sys
-import threading
 import traceback
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -145,28 +144,12 @@ def _secrets_in(name: str, value: object, secret: bool = False) -> Iterable[str]
 class RedactSecrets(logging.Filter):
     """Replaces every secret value of the settings in the message, the traceback and the extra fields."""
 
-    def __init__(self) -> None:
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        self._settings: Settings | None = None
-        self._secrets: list[str] = []
-        self._loading = threading.local()
-
-    def secrets(self) -> list[str]:
-        if getattr(self._loading, "active", False):  # a record logged while the settings load (python-dotenv)
-            return self._secrets
-        self._loading.active = True
-        try:
-            settings = get_settings()
-        except Exception:  # invalid settings: keep the secrets known so far (the process fails elsewhere)
-            return self._secrets
-        finally:
-            self._loading.active = False
-        if settings is not self._settings:
-            self._settings, self._secrets = settings, secret_values(settings)
-        return self._secrets
+        self._secrets = list(secrets)
 
     def redact(self, text: str) -> str:
-        for secret in self.secrets():
+        for secret in self._secrets:
             text = text.replace(secret, REDACTED)
         return text
 
@@ -214,21 +197,25 @@ def log_format_for(settings: Settings) -> LogFormat:
 
 
 def setup_logging_from(settings: Settings) -> logging.Handler:
-    return setup_logging(settings.log_level, log_format_for(settings))
+    return setup_logging(settings.log_level, log_format_for(settings), secret_values(settings))
 
 
 def uvicorn_handler() -> logging.Handler:
-    """For uvicorn's `--log-config uvicorn_logging.json`: its supervisor imports no app, so it is set up here."""
+    """For uvicorn's `--log-config uvicorn_logging.json`: its supervisor imports no app, so it is set up
+    here. An entry point: it reads the settings itself."""
     return setup_logging_from(get_settings())
 
 
-def setup_logging(level: str | int = "INFO", log_format: LogFormat = "json") -> logging.Handler:
-    """Send every log record of the process, at `level` or above, to stderr in `log_format`."""
+def setup_logging(
+    level: str | int = "INFO", log_format: LogFormat = "json", secrets: Iterable[str] = ()
+) -> logging.Handler:
+    """Send every log record of the process, at `level` or above, to stderr in `log_format`, with
+    `secrets` (`secret_values` of the settings) replaced by `[REDACTED]`."""
     handler = StderrHandler()
     handler.setLevel(level)
     handler.setFormatter(FORMATTERS[log_format]())
     handler.addFilter(JobContext())
-    handler.addFilter(RedactSecrets())
+    handler.addFilter(RedactSecrets(secrets))
     handler.set_name(HANDLER_NAME)
     root = logging.getLogger()
     for old in [old for old in root.handlers if old.get_name() == HANDLER_NAME]:

@@ -6,9 +6,11 @@ Each hook is called by name (`metrics_hooks.record_rejection(...)`), so replacin
 
 from __future__ import annotations
 
-from herald.infra import connections, metrics
+from redis import Redis
+
+from herald.infra import metrics
 
 
-def record_rejection(queue: str) -> None:
+def record_rejection(connection: Redis, queue: str) -> None:
     """A submission to `queue` was refused because the queue is full (429): `queue_rejected_total{queue}`."""
-    metrics.rejected(connections.redis_client(), queue)
+    metrics.rejected(connection, queue)

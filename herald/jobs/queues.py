@@ -1,6 +1,7 @@
 """Redis connection, the priority queues, the retry policy, and every job operation.
 
-Shared by the API and the workers; it never imports the web layer.
+Shared by the API and the workers; it never imports the web layer. Operations take the settings of
+the process (the app's, the worker's) as their first argument.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from herald.infra import connections, keys, metrics, metrics_hooks
 from herald.infra.statuses import JobState
 from herald.rq_seam import enqueue, limits, replay
 from herald.schemas import JobAccepted, JobError, JobView, Priority
-from settings import QUEUE_NAMES, Settings, get_settings
+from settings import QUEUE_NAMES, Settings
 from tasks import TASKS, Task
 
 CANCELABLE = {JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.DEFERRED, JobStatus.RATE_LIMITED}
@@ -47,42 +48,39 @@ DELAYED_JOBS_KEY = keys.DELAYED_JOBS
 """rq-scheduler's sorted set of delayed jobs, scored by due time (Unix seconds, kept with fractions)."""
 
 
-def get_redis(settings: Settings | None = None) -> Redis:
+def get_redis(settings: Settings) -> Redis:
     """The process's Redis client; its timeouts bound how long a request can wait for Redis.
 
     Within an `accepting` operation, the one connection whose writes that operation waits for.
     """
-    if settings is None:
-        return connections.redis_client()
-    password = settings.redis_sentinel_password.get_secret_value() if settings.redis_sentinel_password else None
-    return connections.client_for(settings.redis_url, settings.redis_socket_timeout, password)
+    return connections.redis_client(settings)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def replicated() -> AbstractContextManager[None]:
+def replicated(settings: Settings) -> AbstractContextManager[None]:
     """The block's writes are answered as accepted only once `REDIS_WAIT_REPLICAS` replicas have them
     (`connections.replicated_writes`); with 0 (the default), a plain block."""
-    settings = get_settings()
-    return connections.replicated_writes(settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
+    return connections.replicated_writes(settings)
 
 
 def accepting(operation: F) -> F:
-    """An operation that accepts work: its writes are `replicated` before it returns."""
+    """An operation that accepts work (its first argument the settings): its writes are `replicated`
+    before it returns."""
 
     @functools.wraps(operation)
-    def replicated_operation(*args: Any, **kwargs: Any) -> Any:
-        with replicated():
-            return operation(*args, **kwargs)
+    def replicated_operation(settings: Settings, *args: Any, **kwargs: Any) -> Any:
+        with replicated(settings):
+            return operation(settings, *args, **kwargs)
 
     return cast(F, replicated_operation)
 
 
-def get_queue(name: str, connection: Redis | None = None) -> Queue:
+def get_queue(name: str, connection: Redis) -> Queue:
     if name not in QUEUE_NAMES:
         raise ValueError(f"unknown queue {name!r}")
-    return Queue(name, connection=connection or get_redis())
+    return Queue(name, connection=connection)
 
 
 _known_lengths: dict[str, tuple[float, int]] = {}
@@ -90,42 +88,41 @@ _known_lengths: dict[str, tuple[float, int]] = {}
 LENGTH_FRESH_SECONDS = 0.5
 
 
-def ensure_capacity(queue: Queue) -> None:
+def ensure_capacity(settings: Settings, queue: Queue) -> None:
     """Backpressure: refuse new work once `queue` holds `QUEUE_MAX_WAITING` waiting jobs, counting those
     waiting for a destination slot (`limits.waiting`).
 
     The length (one script) is read again only when the last look is older than half a second or was
     within a tenth of the limit, so a busy API skips that round trip while the queue is far from full.
     """
-    if _length_is_stale(queue.name):
+    if _length_is_stale(settings, queue.name):
         _known_lengths[queue.name] = (time.monotonic(), limits.waiting(queue))
-    if _is_full(queue.name):
-        metrics_hooks.record_rejection(queue.name)
-        raise _queue_full(queue.name)
+    if _is_full(settings, queue.name):
+        metrics_hooks.record_rejection(queue.connection, queue.name)
+        raise _queue_full(settings, queue.name)
 
 
-async def ensure_capacity_async(queue: Queue) -> None:
+async def ensure_capacity_async(settings: Settings, queue: Queue) -> None:
     """`ensure_capacity` through the asyncio client."""
-    if _length_is_stale(queue.name):
-        waiting = await limits.waiting_async(queue)
+    if _length_is_stale(settings, queue.name):
+        waiting = await limits.waiting_async(connections.async_redis_client(settings), queue)
         _known_lengths[queue.name] = (time.monotonic(), waiting)
-    if _is_full(queue.name):
-        await asyncio.to_thread(metrics_hooks.record_rejection, queue.name)
-        raise _queue_full(queue.name)
+    if _is_full(settings, queue.name):
+        await asyncio.to_thread(metrics_hooks.record_rejection, queue.connection, queue.name)
+        raise _queue_full(settings, queue.name)
 
 
-def _length_is_stale(queue_name: str) -> bool:
+def _length_is_stale(settings: Settings, queue_name: str) -> bool:
     read_at, waiting = _known_lengths.get(queue_name, (0.0, 0))
-    near_limit = waiting >= get_settings().queue_max_waiting * 0.9
+    near_limit = waiting >= settings.queue_max_waiting * 0.9
     return near_limit or time.monotonic() - read_at > LENGTH_FRESH_SECONDS
 
 
-def _is_full(queue_name: str) -> bool:
-    return _known_lengths[queue_name][1] >= get_settings().queue_max_waiting
+def _is_full(settings: Settings, queue_name: str) -> bool:
+    return _known_lengths[queue_name][1] >= settings.queue_max_waiting
 
 
-def _queue_full(queue_name: str) -> QueueFullError:
-    settings = get_settings()
+def _queue_full(settings: Settings, queue_name: str) -> QueueFullError:
     return QueueFullError(queue_name, _known_lengths[queue_name][1], settings.queue_full_retry_after_seconds)
 
 
@@ -174,16 +171,18 @@ def on_job_success(job: Job, connection: Redis, result: Any) -> None:
 
 
 @accepting
-def enqueue_task(name: str, kwargs: dict[str, Any], priority: Priority = "default", due: datetime | None = None) -> Job:
+def enqueue_task(
+    settings: Settings, name: str, kwargs: dict[str, Any], priority: Priority = "default", due: datetime | None = None
+) -> Job:
     """Validate a registered task's arguments and queue it, or hand it to rq-scheduler when `due`.
 
     A task that waits (`Task.waits`) is parked instead, until `complete_job`.
     Raises `UnknownTaskError`, or pydantic's `ValidationError` for bad arguments.
     """
-    task, arguments, queue = _checked(name, kwargs, priority, due)
-    ensure_capacity(queue)
-    job = _created(queue, task, name, arguments)
-    with transaction() as pipeline:
+    task, arguments, queue = _checked(settings, name, kwargs, priority, due)
+    ensure_capacity(settings, queue)
+    job = _created(settings, queue, task, name, arguments)
+    with transaction(settings) as pipeline:
         _write(queue, job, task, due, pipeline)
     if job.get_status(refresh=False) == JobStatus.RATE_LIMITED:
         job.get_status(refresh=True)  # promoted in the transaction if its key had a free slot
@@ -191,32 +190,38 @@ def enqueue_task(name: str, kwargs: dict[str, Any], priority: Priority = "defaul
 
 
 async def enqueue_task_async(
-    name: str, kwargs: dict[str, Any] | BaseModel, priority: Priority = "default", due: datetime | None = None
+    settings: Settings,
+    name: str,
+    kwargs: dict[str, Any] | BaseModel,
+    priority: Priority = "default",
+    due: datetime | None = None,
 ) -> Job:
     """`enqueue_task` for the API's event loop: the same job and the same commands, applied through the
     asyncio client in one atomic round trip (`replay.execute_async`), so no thread waits for Redis.
 
     `kwargs` may be an instance of the task's arguments model, already validated by the caller.
     """
-    task, arguments, queue = _checked(name, kwargs, priority, due)
-    await ensure_capacity_async(queue)
+    task, arguments, queue = _checked(settings, name, kwargs, priority, due)
+    await ensure_capacity_async(settings, queue)
     if not enqueue.knows_server_version(queue.connection):
         await asyncio.to_thread(queue.get_redis_server_version)
-    job = _created(queue, task, name, arguments)
-    recorder = get_redis().pipeline()  # never executed: RQ writes its commands here, for the replay
+    job = _created(settings, queue, task, name, arguments)
+    recorder = get_redis(settings).pipeline()  # never executed: RQ writes its commands here, for the replay
     recorder.multi()
     _write(queue, job, task, due, recorder, recorded=True)
-    settings = get_settings()
-    replicas = (settings.redis_wait_replicas, settings.redis_wait_timeout_ms)
+    client, replicas = (
+        connections.async_redis_client(settings),
+        (settings.redis_wait_replicas, settings.redis_wait_timeout_ms),
+    )
     if job.get_status(refresh=False) == JobStatus.RATE_LIMITED:  # its slot asked for in the same script
-        await limits.execute_async(recorder, job, *replicas)
+        await limits.execute_async(client, recorder, job, *replicas)
     else:
-        await replay.execute_async(recorder, *replicas)
+        await replay.execute_async(client, recorder, *replicas)
     return job
 
 
 def _checked(
-    name: str, kwargs: dict[str, Any] | BaseModel, priority: Priority, due: datetime | None
+    settings: Settings, name: str, kwargs: dict[str, Any] | BaseModel, priority: Priority, due: datetime | None
 ) -> tuple[Task, dict[str, Any], Queue]:
     """The task, its arguments as JSON values, and the queue; raises if any is wrong."""
     task = TASKS.get(name)
@@ -226,12 +231,11 @@ def _checked(
     arguments = checked.model_dump(mode="json", include=set(task.args.model_fields))
     if task.waits and due is not None:
         raise ServiceError(f"task {name!r} waits for complete_task; it takes no delay_seconds or send_at")
-    return task, arguments, get_queue(priority)
+    return task, arguments, get_queue(priority, get_redis(settings))
 
 
-def _created(queue: Queue, task: Task, name: str, arguments: dict[str, Any]) -> Job:
-    settings = get_settings()
-    options = job_options(retry_policy(settings))
+def _created(settings: Settings, queue: Queue, task: Task, name: str, arguments: dict[str, Any]) -> Job:
+    options = job_options(settings, retry_policy(settings))
     rate_limit = limits.for_smtp(settings) if name == "send_email" else None
     return queue.create_job(task.func, kwargs=arguments, meta={"task": name}, rate_limit=rate_limit, **options)
 
@@ -246,7 +250,7 @@ def _write(
 
 
 @accepting
-def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> dict[str, JobStatus]:
+def enqueue_emails(settings: Settings, messages: list[dict[str, Any]], priority: Priority) -> dict[str, JobStatus]:
     """Queue many already-validated emails at once: one capacity check, one transaction; their ids and
     statuses, in order (`rate_limited` for those waiting for a slot of the SMTP server's).
 
@@ -256,14 +260,14 @@ def enqueue_emails(messages: list[dict[str, Any]], priority: Priority) -> dict[s
     retry together); then one RPUSH of every id. `tests/test_api.py` checks the hashes field by field
     against RQ's own. COPY needs Redis 6.2; before it, each hash is written whole.
     """
-    queue, settings = get_queue(priority), get_settings()
-    ensure_capacity(queue)
-    model = _created(queue, TASKS["send_email"], "send_email", messages[0])
+    queue = get_queue(priority, get_redis(settings))
+    ensure_capacity(settings, queue)
+    model = _created(settings, queue, TASKS["send_email"], "send_email", messages[0])
     enqueue.prepare_for_queue(queue, model)
     if model.has_rate_limit:
         enqueue.mark_rate_limited(model)  # each waits for its slot: `limits.submit_many`
     ids, copy = [str(uuid4()) for _ in messages], queue.get_redis_server_version() >= (6, 2, 0)
-    with get_redis().pipeline() as pipeline:  # a `transaction` whose replies say which jobs got a slot
+    with get_redis(settings).pipeline() as pipeline:  # a `transaction` whose replies say which jobs got a slot
         pipeline.multi()
         template: dict[Any, Any] = model.to_dict()
         if copy:
@@ -297,21 +301,20 @@ def _own_fields(model: Job, kwargs: dict[str, Any], settings: Settings) -> dict[
 
 
 @contextmanager
-def transaction() -> Iterator[Pipeline]:
+def transaction(settings: Settings) -> Iterator[Pipeline]:
     """A MULTI/EXEC pipeline, executed on leaving the block.
 
     MULTI is started explicitly: RQ's `enqueue_job` would start it itself, which fails once other
     commands are queued before it.
     """
-    with get_redis().pipeline() as pipeline:
+    with get_redis(settings).pipeline() as pipeline:
         pipeline.multi()
         yield pipeline
         pipeline.execute()
 
 
-def job_options(retry: Retry | None) -> dict[str, Any]:
+def job_options(settings: Settings, retry: Retry | None) -> dict[str, Any]:
     """Timeouts, TTLs, retries and the callbacks (errors, metrics) that every job of the service gets."""
-    settings = get_settings()
     return {
         "timeout": settings.job_timeout_seconds,
         "result_ttl": settings.result_ttl_seconds,
@@ -361,23 +364,23 @@ def waits(job: Job) -> bool:
     return task is not None and task.waits
 
 
-def complete_job(job_id: str, result: Any) -> Job:
+def complete_job(settings: Settings, job_id: str, result: Any) -> Job:
     """Finish a waiting job (`Task.waits`) with `result` (JSON) as its return value, as a worker would.
 
     Any other job, or one no longer waiting (completed or canceled), is a `JobStateError`; running jobs
     are never touched. The status check and the change are one transaction (WATCH on the job's key).
     """
-    job = fetch_job(job_id)
+    job = fetch_job(settings, job_id)
     if not waits(job):
         task = job.meta.get("task", job.func_name)
         raise JobStateError(f"job {job_id} is a {task} job; only await_completion jobs can be completed")
-    with get_redis().pipeline() as pipeline:
+    with get_redis(settings).pipeline() as pipeline:
         pipeline.watch(job.key)
         status = job.get_status()
         if status != JobStatus.DEFERRED:
             raise JobStateError(f"job {job_id} is {status.value}; only a waiting job can be completed")
         pipeline.multi()
-        _finish(job, result, pipeline)
+        _finish(job, result, pipeline, settings.result_ttl_seconds)
         try:
             pipeline.execute()
         except WatchError:
@@ -385,9 +388,9 @@ def complete_job(job_id: str, result: Any) -> Job:
     return job
 
 
-def _finish(job: Job, result: Any, pipeline: Pipeline) -> None:
+def _finish(job: Job, result: Any, pipeline: Pipeline, default_ttl: int) -> None:
     """What RQ's worker writes for a successful job: status, end time, result, finished registry, TTL."""
-    ttl = job.get_result_ttl(get_settings().result_ttl_seconds)
+    ttl = job.get_result_ttl(default_ttl)
     job.ended_at = datetime.now(UTC)
     DeferredJobRegistry(job.origin, connection=job.connection).remove(job, pipeline=pipeline)
     job.set_status(JobStatus.FINISHED, pipeline=pipeline)
@@ -397,17 +400,17 @@ def _finish(job: Job, result: Any, pipeline: Pipeline) -> None:
     job.cleanup(ttl, pipeline=pipeline, remove_from_queue=False)
 
 
-def fetch_job(job_id: str) -> Job:
-    job = Job.fetch_many([job_id], connection=get_redis())[0]
+def fetch_job(settings: Settings, job_id: str) -> Job:
+    job = Job.fetch_many([job_id], connection=get_redis(settings))[0]
     if job is None:
         raise JobNotFoundError(job_id)
     return job
 
 
 @accepting
-def cancel_job(job_id: str) -> Job:
+def cancel_job(settings: Settings, job_id: str) -> Job:
     """Cancel a job that has not started; a job that ran (or runs) cannot be canceled."""
-    job = fetch_job(job_id)
+    job = fetch_job(settings, job_id)
     job.connection.zrem(DELAYED_JOBS_KEY, job.id)  # first, so rq-scheduler cannot move it any more
     status = job.get_status()
     if status not in CANCELABLE:
@@ -417,9 +420,9 @@ def cancel_job(job_id: str) -> Job:
 
 
 @accepting
-def requeue_job(job_id: str) -> Job:
+def requeue_job(settings: Settings, job_id: str) -> Job:
     """Put a failed job back on its queue, with its retries restored."""
-    job = fetch_job(job_id)
+    job = fetch_job(settings, job_id)
     if job.get_status() != JobStatus.FAILED:
         raise JobStateError(f"job {job_id} is {job.get_status().value}; only failed jobs can be requeued")
     job.retries_left = len(job.retry_intervals) if job.retry_intervals else None
@@ -427,23 +430,27 @@ def requeue_job(job_id: str) -> Job:
     return FailedJobRegistry(job.origin, connection=job.connection).requeue(job)
 
 
-def failed_jobs(queue: Priority | None, offset: int, limit: int) -> tuple[int, list[Job]]:
+def failed_jobs(settings: Settings, queue: Priority | None, offset: int, limit: int) -> tuple[int, list[Job]]:
     """Failed jobs, newest first, across one queue or all of them."""
-    keys = [FailedJobRegistry(name, connection=get_redis()).key for name in ([queue] if queue else QUEUE_NAMES)]
-    total, page = _merged_page(keys, offset, limit, newest_first=True)
-    return total, _fetch_existing([job_id for job_id, _ in page])
+    connection = get_redis(settings)
+    keys = [FailedJobRegistry(name, connection=connection).key for name in ([queue] if queue else QUEUE_NAMES)]
+    total, page = _merged_page(connection, keys, offset, limit, newest_first=True)
+    return total, _fetch_existing(connection, [job_id for job_id, _ in page])
 
 
-def scheduled_jobs(offset: int, limit: int) -> tuple[int, list[Job]]:
+def scheduled_jobs(settings: Settings, offset: int, limit: int) -> tuple[int, list[Job]]:
     """Jobs waiting for their time, soonest first: delayed ones (rq-scheduler) and retries (RQ)."""
-    keys = [DELAYED_JOBS_KEY, *(ScheduledJobRegistry(name, connection=get_redis()).key for name in QUEUE_NAMES)]
-    total, page = _merged_page(keys, offset, limit, newest_first=False)
-    return total, _fetch_existing([job_id for job_id, _ in page])
+    connection = get_redis(settings)
+    keys = [DELAYED_JOBS_KEY, *(ScheduledJobRegistry(name, connection=connection).key for name in QUEUE_NAMES)]
+    total, page = _merged_page(connection, keys, offset, limit, newest_first=False)
+    return total, _fetch_existing(connection, [job_id for job_id, _ in page])
 
 
-def _merged_page(keys: list[str], offset: int, limit: int, newest_first: bool) -> tuple[int, list[tuple[str, float]]]:
+def _merged_page(
+    connection: Redis, keys: list[str], offset: int, limit: int, newest_first: bool
+) -> tuple[int, list[tuple[str, float]]]:
     """One page of several sorted sets merged by score, reading no more than the page needs from each."""
-    with get_redis().pipeline(transaction=False) as pipeline:
+    with connection.pipeline(transaction=False) as pipeline:
         for key in keys:
             pipeline.zcard(key)
             read = pipeline.zrevrange if newest_first else pipeline.zrange
@@ -455,8 +462,8 @@ def _merged_page(keys: list[str], offset: int, limit: int, newest_first: bool) -
     return total, entries[offset : offset + limit]
 
 
-def _fetch_existing(job_ids: list[str]) -> list[Job]:
-    return [job for job in Job.fetch_many(job_ids, connection=get_redis()) if job is not None]
+def _fetch_existing(connection: Redis, job_ids: list[str]) -> list[Job]:
+    return [job for job in Job.fetch_many(job_ids, connection=connection) if job is not None]
 
 
 def scheduled_for(job: Job) -> datetime | None:

@@ -30,7 +30,7 @@ from herald.schemas import (
     NotificationView,
     Preferences,
 )
-from settings import get_settings
+from settings import Settings
 
 
 @dataclass(frozen=True)
@@ -42,17 +42,17 @@ class Content:
 
 
 @queues.accepting
-def create_notification(request: NotificationRequest, correlation_id: str) -> NotificationAccepted:
+def create_notification(settings: Settings, request: NotificationRequest, correlation_id: str) -> NotificationAccepted:
     """Records and jobs of a new notification: a delivery the user opted out of is recorded as
     `skipped` and gets no job; a non-urgent one due in the user's quiet hours waits until they end."""
-    connection = queues.get_redis()
+    connection = queues.get_redis(settings)
     contents = _contents(request)
-    targets = _targets(request, notifications.load_contact(connection, request.user_id))
+    targets = _targets(settings, request, notifications.load_contact(connection, request.user_id))
     wishes = preferences.load(connection, request.user_id)
     notification_id, created = notifications.new_id(), notifications.now_iso()
     due = None if request.digest_key else _due(request, wishes)
-    queue = queues.get_queue(QUEUE_OF_PRIORITY[request.priority])
-    queues.ensure_capacity(queue)
+    queue = queues.get_queue(QUEUE_OF_PRIORITY[request.priority], connection)
+    queues.ensure_capacity(settings, queue)
     record = {
         **request.model_dump(mode="json", include=RECORDED_FIELDS),
         "notification_id": notification_id,
@@ -70,12 +70,13 @@ def create_notification(request: NotificationRequest, correlation_id: str) -> No
             targets.get(channel), content.payload, created, correlation_id, content.html,
             request.topic, request.required,
         )  # fmt: skip
-        attempts = _max_attempts(channel)
+        attempts = _max_attempts(settings, channel)
         skipped = preferences.skip_reason(wishes, request.topic, channel, request.required)
         deliveries.append(_delivery_record(message, channel, attempts, record, skipped))
         if not skipped and not request.digest_key:
             jobs.append(
                 _delivery_job(
+                    settings,
                     queue,
                     tasks.deliver_notification,
                     message.delivery_id,
@@ -86,9 +87,9 @@ def create_notification(request: NotificationRequest, correlation_id: str) -> No
                 )
             )
     if request.digest_key:
-        _add_to_digests(request, wishes, queue, record, deliveries)
+        _add_to_digests(settings, request, wishes, queue, record, deliveries)
         return _accepted(record, deliveries)
-    with queues.transaction() as pipeline:
+    with queues.transaction(settings) as pipeline:
         notifications.write(pipeline, record, deliveries)
         for job in jobs:
             queues.submit(queue, job, due, pipeline)
@@ -103,6 +104,7 @@ RECORDED_FIELDS = {
 
 
 def _add_to_digests(
+    settings: Settings,
     request: NotificationRequest,
     wishes: Preferences,
     queue: Any,
@@ -119,13 +121,13 @@ def _add_to_digests(
         correlation_id = digest["message"]["correlation_id"]
         target = digest["message"].get("target")
         args = (tasks.deliver_digest, digest["delivery_id"], digest["channel"], digest["max_attempts"], correlation_id)
-        queues.submit(queue, _delivery_job(queue, *args, target), due, pipeline)
+        queues.submit(queue, _delivery_job(settings, queue, *args, target), due, pipeline)
 
     def write_records(pipeline: Any) -> None:
         notifications.write(pipeline, record, deliveries)
         _count(pipeline, deliveries)
 
-    digests.add(queues.get_redis(), deliveries, request.digest_key, due, schedule, write_records)
+    digests.add(queues.get_redis(settings), deliveries, request.digest_key, due, schedule, write_records)
 
 
 def _due(request: NotificationRequest, wishes: Preferences) -> datetime | None:
@@ -155,6 +157,7 @@ def _count(pipeline: Any, deliveries: list[dict[str, Any]]) -> None:
 
 
 def _delivery_job(
+    settings: Settings,
     queue: Any,
     function: Callable[..., Any],
     delivery_id: str,
@@ -165,7 +168,6 @@ def _delivery_job(
 ) -> Any:
     """The job of one delivery (`tasks.deliver_notification`) or digest (`tasks.deliver_digest`), with the
     concurrency limit of its destination (`limits`)."""
-    settings = get_settings()
     kind = "digest" if function is tasks.deliver_digest else "deliver"
     meta = {"task": f"{kind}_{channel}", "correlation_id": correlation_id}
     retry = queues.retry_policy(settings, retries=attempts - 1)
@@ -175,12 +177,11 @@ def _delivery_job(
         job_id=delivery_id,
         meta=meta,
         rate_limit=limits.for_channel(channel, target, settings),
-        **queues.job_options(retry),
+        **queues.job_options(settings, retry),
     )
 
 
-def _max_attempts(channel: str) -> int:
-    settings = get_settings()
+def _max_attempts(settings: Settings, channel: str) -> int:
     return {"email": settings.email_max_attempts, "webhook": settings.webhook_max_attempts}.get(
         channel, settings.in_app_max_attempts
     )
@@ -201,20 +202,20 @@ def _contents(request: NotificationRequest) -> dict[str, Content]:
     }
 
 
-def _targets(request: NotificationRequest, contact: dict[str, Any]) -> dict[str, str]:
+def _targets(settings: Settings, request: NotificationRequest, contact: dict[str, Any]) -> dict[str, str]:
     targets: dict[str, str] = {}
     if "email" in request.channels:
         targets["email"] = _required(request.to or contact.get("email"), "email address (`to`)", request.user_id)
     if "webhook" in request.channels:
         url = _required(request.webhook_url or contact.get("webhook_url"), "webhook_url", request.user_id)
-        check_webhook_url(url)
+        check_webhook_url(settings, url)
         targets["webhook"] = url
     return targets
 
 
-def check_webhook_url(url: str) -> None:
+def check_webhook_url(settings: Settings, url: str) -> None:
     try:
-        check_url(url, get_settings().webhook_allow_private)
+        check_url(url, settings.webhook_allow_private)
     except ValueError as exc:  # refused, or a host that does not resolve
         raise TargetError(f"webhook_url refused: {exc}") from None
 
@@ -236,25 +237,25 @@ def _accepted(record: dict[str, Any], deliveries: list[dict[str, Any]]) -> Notif
     )
 
 
-def get_notification(notification_id: str) -> NotificationView | None:
-    found = notifications.load_notification(queues.get_redis(), notification_id)
+def get_notification(settings: Settings, notification_id: str) -> NotificationView | None:
+    found = notifications.load_notification(queues.get_redis(settings), notification_id)
     return notifications.view(*found) if found else None
 
 
 @queues.accepting
-def cancel_notification(notification_id: str) -> NotificationView | None:
+def cancel_notification(settings: Settings, notification_id: str) -> NotificationView | None:
     """Cancel every delivery not yet sent; one being sent right now finishes."""
-    connection = queues.get_redis()
+    connection = queues.get_redis(settings)
     found = notifications.load_notification(connection, notification_id)
     if found is None:
         return None
     for delivery in found[1]:
-        if _cancel_delivery(connection, delivery):
+        if _cancel_delivery(settings, connection, delivery):
             metrics.delivery_settled(connection, delivery["channel"], DeliveryStatus.CANCELED)
-    return get_notification(notification_id)
+    return get_notification(settings, notification_id)
 
 
-def _cancel_delivery(connection: Any, delivery: dict[str, Any]) -> bool:
+def _cancel_delivery(settings: Settings, connection: Any, delivery: dict[str, Any]) -> bool:
     """Cancel one delivery if it is still open; a digested one leaves its digest, until that closes."""
     if delivery["status"] == DeliveryStatus.DIGESTED:
         return digests.cancel_item(connection, delivery)
@@ -263,18 +264,18 @@ def _cancel_delivery(connection: Any, delivery: dict[str, Any]) -> bool:
     notifications.update(connection, delivery["delivery_id"], status=DeliveryStatus.CANCELED)
     # A job that started meanwhile sees `canceled` if it runs again; one that expired is gone.
     with suppress(JobStateError, JobNotFoundError):
-        queues.cancel_job(delivery["job_id"])
+        queues.cancel_job(settings, delivery["job_id"])
     return True
 
 
-def get_digest(delivery_id: str) -> DigestView | None:
-    return digests.view(queues.get_redis(), delivery_id)
+def get_digest(settings: Settings, delivery_id: str) -> DigestView | None:
+    return digests.view(queues.get_redis(settings), delivery_id)
 
 
 @queues.accepting
-def retry_delivery(notification_id: str, channel: str) -> NotificationView | None:
+def retry_delivery(settings: Settings, notification_id: str, channel: str) -> NotificationView | None:
     """Manual retry of a failed delivery, with a fresh attempt budget."""
-    connection = queues.get_redis()
+    connection = queues.get_redis(settings)
     found = notifications.load_notification(connection, notification_id)
     if found is None:
         return None
@@ -282,29 +283,29 @@ def retry_delivery(notification_id: str, channel: str) -> NotificationView | Non
     if delivery is None or delivery["status"] != DeliveryStatus.FAILED:
         state = delivery["status"] if delivery else "not part of this notification"
         raise JobStateError(f"the {channel} delivery is {state}; only a failed delivery can be retried")
-    queues.requeue_job(delivery["job_id"])
+    queues.requeue_job(settings, delivery["job_id"])
     notifications.update(
         connection, delivery["delivery_id"], status=DeliveryStatus.PENDING, attempts=0, next_retry_at=None
     )
-    return get_notification(notification_id)
+    return get_notification(settings, notification_id)
 
 
-def get_preferences(user_id: str) -> Preferences:
-    return preferences.load(queues.get_redis(), user_id)
+def get_preferences(settings: Settings, user_id: str) -> Preferences:
+    return preferences.load(queues.get_redis(settings), user_id)
 
 
-def save_preferences(user_id: str, wishes: Preferences) -> Preferences:
-    return preferences.save(queues.get_redis(), user_id, wishes)
+def save_preferences(settings: Settings, user_id: str, wishes: Preferences) -> Preferences:
+    return preferences.save(queues.get_redis(settings), user_id, wishes)
 
 
-def unsubscribe(token: str) -> unsubscribe_links.Subscription | None:
+def unsubscribe(settings: Settings, token: str) -> unsubscribe_links.Subscription | None:
     """Turn off what a genuine unsubscribe token names (one topic, one channel); None, changing
     nothing, for any other token."""
-    subscription = read_unsubscribe_token(token)
+    subscription = read_unsubscribe_token(settings, token)
     if subscription is not None:
-        preferences.set_topic_channel(queues.get_redis(), *subscription, wanted=False)
+        preferences.set_topic_channel(queues.get_redis(settings), *subscription, wanted=False)
     return subscription
 
 
-def read_unsubscribe_token(token: str) -> unsubscribe_links.Subscription | None:
-    return unsubscribe_links.read_token(get_settings().unsubscribe_secret.get_secret_value(), token)
+def read_unsubscribe_token(settings: Settings, token: str) -> unsubscribe_links.Subscription | None:
+    return unsubscribe_links.read_token(settings.unsubscribe_secret.get_secret_value(), token)

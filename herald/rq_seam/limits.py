@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from redis import Redis
+from redis import asyncio as aioredis
 from redis.client import Pipeline
 from redis.exceptions import NoScriptError
 from rq import Queue, RateLimit
@@ -33,7 +34,7 @@ from rq.job import Job, JobStatus
 from rq.rate_limit import ACQUIRE_AND_ENQUEUE_SCRIPT, RateLimitRegistry
 from rq.utils import current_timestamp, now, utcformat
 
-from herald.infra import connections, keys
+from herald.infra import keys
 from herald.rq_seam import replay
 from settings import Settings
 
@@ -65,9 +66,8 @@ def waiting(queue: Queue) -> int:
         return int(queue.connection.eval(WAITING_SCRIPT, 1, queue.key, *_WAITING_ARGS))
 
 
-async def waiting_async(queue: Queue) -> int:
-    """`waiting` through the asyncio client."""
-    client = connections.async_redis_client()
+async def waiting_async(client: aioredis.Redis, queue: Queue) -> int:
+    """`waiting` through the asyncio client `client`."""
     try:
         return int(await client.evalsha(_WAITING_SHA, 1, queue.key, *_WAITING_ARGS))
     except NoScriptError:
@@ -140,7 +140,9 @@ def release_arguments(job: Job) -> tuple[list[str], list[Any]]:
     return [registry.allowed_key, registry.rate_limited_key], words
 
 
-async def execute_async(recorded: Pipeline, job: Job, replicas: int = 0, timeout_ms: int = 0) -> None:
+async def execute_async(
+    client: aioredis.Redis, recorded: Pipeline, job: Job, replicas: int = 0, timeout_ms: int = 0
+) -> None:
     """Apply `recorded` (holding `submit_recorded`'s commands) and ask for `job`'s slot as RQ's
     `acquire_and_enqueue` does, in one script (`replay.execute_async`, with its `WAIT` for
     replicas); the job's status follows.
@@ -153,7 +155,7 @@ async def execute_async(recorded: Pipeline, job: Job, replicas: int = 0, timeout
     leading: tuple[Any, ...] = (2, registry.allowed_key, registry.rate_limited_key, job.rate_limit_concurrency)
     leading += (time.time(), utcformat(enqueued_at), Queue.redis_queue_namespace_prefix, Job.redis_job_namespace_prefix)
     script = replay.Replay(REPLAY_AND_ACQUIRE_SCRIPT, _REPLAY_AND_ACQUIRE_SHA, leading)
-    promoted = await replay.execute_async(recorded, replicas, timeout_ms, script)
+    promoted = await replay.execute_async(client, recorded, replicas, timeout_ms, script)
     if job.id.encode() in promoted:
         job._status, job.enqueued_at = JobStatus.QUEUED, enqueued_at
 

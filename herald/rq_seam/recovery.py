@@ -57,7 +57,7 @@ from rq.worker_registration import clean_worker_registry
 
 from herald.infra import keys, metrics
 from herald.rq_seam import limits
-from settings import QUEUE_NAMES, get_settings
+from settings import QUEUE_NAMES, Settings
 
 log = logging.getLogger("recovery")
 
@@ -314,8 +314,9 @@ class _RetryAtOnce(Job):
         log.warning("job %s: its worker died; requeued, %d retries left", self.id, self.retries_left)
 
 
-def _clean_registries(worker: BaseWorker) -> None:
-    """RQ's maintenance pass, with abandoned jobs loaded as `_RetryAtOnce`."""
+def _clean_registries(worker: _LeanBookkeeping) -> None:
+    """RQ's maintenance pass, with abandoned jobs loaded as `_RetryAtOnce`; claims older than the
+    worker's `heartbeat_grace` are recovered."""
     for queue in worker.queues:
         if queue.acquire_maintenance_lock():
             try:
@@ -325,7 +326,7 @@ def _clean_registries(worker: BaseWorker) -> None:
                 queue.intermediate_queue.cleanup(worker, cleaning)
             finally:
                 queue.release_maintenance_lock()
-    recover_claims(worker.connection)
+    recover_claims(worker.connection, worker.heartbeat_grace)
     worker.last_cleaned_at = now()  # type: ignore[assignment]  # RQ leaves it typed as None
 
 
@@ -771,14 +772,13 @@ def resident_mib() -> float | None:
         return None
 
 
-def recover_claims(connection: Redis) -> list[str]:
+def recover_claims(connection: Redis, grace_seconds: int) -> list[str]:
     """Put back on their queues the jobs a killed worker popped and never started; their ids.
 
-    A claim older than JOB_HEARTBEAT_GRACE_SECONDS is a dead worker's: a live one registers its job
-    within milliseconds of the pop.
+    A claim older than `grace_seconds` (JOB_HEARTBEAT_GRACE_SECONDS) is a dead worker's: a live one
+    registers its job within milliseconds of the pop.
     """
-    grace = get_settings().job_heartbeat_grace_seconds
-    args = (grace, Job.redis_job_namespace_prefix, Queue.redis_queue_namespace_prefix)
+    args = (grace_seconds, Job.redis_job_namespace_prefix, Queue.redis_queue_namespace_prefix)
     recovered = [job_id.decode() for job_id in connection.eval(RECOVER_SCRIPT, 1, CLAIMS_KEY, *args)]
     if recovered:
         log.warning("requeued %d job(s) popped by a dead worker and never started: %s", len(recovered), recovered)
@@ -796,9 +796,9 @@ def clean_started(connection: Redis, queue_names: Iterable[str] = QUEUE_NAMES) -
                 queue.release_maintenance_lock()
 
 
-def sweep(connection: Redis) -> list[str]:
+def sweep(connection: Redis, grace_seconds: int) -> list[str]:
     """One recovery pass over every queue, for when no worker is alive to run RQ's maintenance."""
-    recovered = recover_claims(connection)
+    recovered = recover_claims(connection, grace_seconds)
     clean_started(connection)
     release_stale_slots(connection)
     return recovered
@@ -825,14 +825,14 @@ def sent_marker(job: Job | None) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def mark_sent(job: Job | None, value: str, pipeline: Pipeline | None = None) -> str:
+def mark_sent(settings: Settings, job: Job | None, value: str, pipeline: Pipeline | None = None) -> str:
     """Record that `job` has sent, so that a re-run after its worker died does not send again
     (on `pipeline` if given, which the caller sends).
 
     One duplicate stays possible: a worker killed after the server accepted and before this write.
     """
     if job is not None:
-        (pipeline or job.connection).set(_sent_key(job), value, ex=get_settings().result_ttl_seconds or 86_400)
+        (pipeline or job.connection).set(_sent_key(job), value, ex=settings.result_ttl_seconds or 86_400)
     return value
 
 

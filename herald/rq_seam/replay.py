@@ -15,7 +15,6 @@ from redis.client import Pipeline
 from redis.exceptions import NoScriptError, RedisError
 
 from herald.exceptions import NotReplicatedError
-from herald.infra import connections
 
 
 def replay_loop(first_argv: int) -> str:
@@ -49,9 +48,11 @@ class Replay(NamedTuple):
 REPLAY = Replay(REPLAY_SCRIPT, _REPLAY_SHA, (0,))
 
 
-async def execute_async(recorded: Pipeline, replicas: int = 0, timeout_ms: int = 0, replay: Replay = REPLAY) -> Any:
+async def execute_async(
+    client: aioredis.Redis, recorded: Pipeline, replicas: int = 0, timeout_ms: int = 0, replay: Replay = REPLAY
+) -> Any:
     """Apply the commands written on a blocking pipeline that was never executed (RQ's code writes
-    to one) through the asyncio client, as one script: all or none, like MULTI/EXEC, but one
+    to one) through the asyncio `client`, as one script: all or none, like MULTI/EXEC, but one
     command and one reply instead of a transaction's, which cost a third of an enqueue request.
     The script's reply is returned.
 
@@ -61,7 +62,6 @@ async def execute_async(recorded: Pipeline, replicas: int = 0, timeout_ms: int =
     words: list[Any] = [*replay.leading]
     for args, _options in recorded.command_stack:  # redis-py's queued commands, read (a private list)
         words += [len(args), *args]
-    client = connections.async_redis_client()
     if replicas <= 0:
         try:
             return await client.evalsha(replay.sha, *words)

@@ -1,6 +1,6 @@
 """Delivery channels: one module per channel, one function each, one line in `CHANNELS`.
 
-A channel function takes the `Message` of one delivery and returns once it is delivered; it
+A channel function takes the settings and the `Message` of one delivery and returns once it is delivered; it
 raises `exceptions.TransientError` (worth retrying) or `exceptions.PermanentError` otherwise.
 """
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from settings import Settings
 
 
 @dataclass(frozen=True)
@@ -31,5 +34,6 @@ class Message:
     """Sent whatever the user opted out of; its emails carry no unsubscribe link."""
 
 
-Channel = Callable[[Message], None]
-"""Deliver one message; raise `TransientError` (retry) or `PermanentError` (give up) when not delivered."""
+Channel = Callable[["Settings", Message], None]
+"""Deliver one message with the service's settings; raise `TransientError` (retry) or `PermanentError`
+(give up) when not delivered."""

@@ -14,7 +14,7 @@ from email.utils import format_datetime, make_msgid
 from herald.exceptions import PermanentError, TransientError
 from herald.notify import unsubscribe
 from herald.notify.channels.base import Message
-from settings import Settings, get_settings
+from settings import Settings
 
 
 def build_message(
@@ -163,11 +163,10 @@ def _classify(code: int, reply: bytes | str) -> TransientError | PermanentError:
     return error_class(f"SMTP {code}: {text}")
 
 
-def send_notification(message: Message) -> None:
+def send_notification(settings: Settings, message: Message) -> None:
     """The email channel: the notification's title as subject, its body as text, its HTML (if any) beside."""
     if not message.target:
         raise PermanentError("no email address for this user")
-    settings = get_settings()
     email = build_message(
         settings, message.target, message.title, message.body, unique_id=message.delivery_id, html=message.html
     )

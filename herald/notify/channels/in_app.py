@@ -24,7 +24,7 @@ from herald.exceptions import PermanentError, TransientError
 from herald.infra import connections, keys
 from herald.infra.patterns import ID_PATTERN
 from herald.notify.channels.base import Message
-from settings import get_settings
+from settings import Settings
 
 _USER_ID = re.compile(ID_PATTERN)
 
@@ -83,14 +83,14 @@ def item_of(message: Message) -> dict[str, Any]:
     }
 
 
-def send(message: Message) -> None:
+def send(settings: Settings, message: Message) -> None:
     """Store the item in the user's inbox (once per notification id), trim it, publish the item."""
     if not valid_user_id(message.user_id):
         raise PermanentError(f"invalid user id {message.user_id!r}")
     item = item_of(message)
     stored = {name: value for name, value in item.items() if name != "read"}
-    client = connections.redis_client()
-    size, channel = get_settings().inbox_size, channel_name(message.user_id)
+    client = connections.redis_client(settings)
+    size, channel = settings.inbox_size, channel_name(message.user_id)
     try:
         client.register_script(_STORE)(
             keys=list(_keys(message.user_id)),
@@ -100,10 +100,11 @@ def send(message: Message) -> None:
         raise TransientError(f"redis: {type(exc).__name__}: {exc}") from exc
 
 
-def list_items(user_id: str, offset: int, limit: int, unread_only: bool = False) -> tuple[int, list[dict[str, Any]]]:
+def list_items(
+    client: Redis, user_id: str, offset: int, limit: int, unread_only: bool = False
+) -> tuple[int, list[dict[str, Any]]]:
     """One page of the inbox, newest first, and how many items the filter matches."""
     ids_key, unread_key, items_key, _ = _keys(user_id)
-    client = connections.redis_client()
     with client.pipeline(transaction=True) as pipeline:
         listed = unread_key if unread_only else ids_key
         pipeline.zcard(listed)
@@ -122,23 +123,23 @@ def list_items(user_id: str, offset: int, limit: int, unread_only: bool = False)
     ]
 
 
-def unread_count(user_id: str) -> int:
-    return int(connections.redis_client().zcard(_keys(user_id)[1]))
+def unread_count(client: Redis, user_id: str) -> int:
+    return int(client.zcard(_keys(user_id)[1]))
 
 
-def get_item(user_id: str, notification_id: str) -> dict[str, Any] | None:
+def get_item(client: Redis, user_id: str, notification_id: str) -> dict[str, Any] | None:
     _, unread_key, items_key, _ = _keys(user_id)
-    with connections.redis_client().pipeline(transaction=True) as pipeline:
+    with client.pipeline(transaction=True) as pipeline:
         pipeline.hget(items_key, notification_id)
         pipeline.zscore(unread_key, notification_id)
         raw, score = pipeline.execute()
     return None if raw is None else {**json.loads(raw), "read": score is None}
 
 
-def mark_read(user_id: str, notification_id: str) -> bool:
+def mark_read(client: Redis, user_id: str, notification_id: str) -> bool:
     """Mark one item read; False when the inbox has no such item."""
     _, unread_key, items_key, _ = _keys(user_id)
-    with connections.redis_client().pipeline(transaction=True) as pipeline:
+    with client.pipeline(transaction=True) as pipeline:
         pipeline.hexists(items_key, notification_id)
         pipeline.zrem(unread_key, notification_id)
         exists, _ = pipeline.execute()

@@ -59,7 +59,7 @@ from urllib.parse import urlsplit
 
 from herald.exceptions import PermanentError, TransientError
 from herald.notify.channels.base import Message
-from settings import get_settings
+from settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -176,11 +176,10 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     return None
 
 
-def send(message: Message) -> None:
+def send(settings: Settings, message: Message) -> None:
     """The webhook channel: POST the signed notification to `message.target`."""
     if not message.target:
         raise PermanentError("no webhook URL for this user")
-    settings = get_settings()
     key = _signing_key(settings.webhook_secret.get_secret_value())
     target = resolve_target(message.target, settings.webhook_allow_private)
     body = build_body(message)
