@@ -1,4 +1,4 @@
-"""The HTTP producer: validate the request, call one function in `queues` with the app's settings
+"""The HTTP producer: validate the request, call one function of `herald.jobs` or `dispatch` with the app's settings
 (`AppSettings`), shape the answer."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from herald.exceptions import (
 from herald.infra import connections, metrics
 from herald.infra.logs import setup_logging_from
 from herald.infra.patterns import ID_PATTERN, IDEMPOTENCY_KEY_PATTERN, JOB_ID_PATTERN, NOTIFICATION_ID_PATTERN
-from herald.jobs import cron, queues
+from herald.jobs import cron, enqueue, states, store, views
 from herald.notify import dispatch, notifications
 from herald.notify import unsubscribe as unsubscribe_links
 from herald.notify.digests import DigestBusyError
@@ -222,8 +222,8 @@ def _idempotent(
     answer = body.model_dump(mode="json")
     if key is None:
         return make().model_dump(mode="json", exclude_none=True)
-    with queues.replicated(settings):  # a repeated answer too: only once replicas have what it names
-        connection, digest = queues.get_redis(settings), idempotency.body_hash(answer)
+    with store.replicated(settings):  # a repeated answer too: only once replicas have what it names
+        connection, digest = store.get_redis(settings), idempotency.body_hash(answer)
         first = idempotency.claim(connection, scope, key, digest)
         if first is not None:
             return first
@@ -252,7 +252,7 @@ def _enqueue(
     settings: Settings, task: str, kwargs: dict[str, Any], priority: Priority, due: datetime | None = None
 ) -> JobAccepted:
     with _task_errors():
-        return queues.job_accepted(queues.enqueue_task(settings, task, kwargs, priority, due))
+        return views.job_accepted(enqueue.enqueue_task(settings, task, kwargs, priority, due))
 
 
 @router.post("/send-email", status_code=202, response_model=JobAccepted, response_model_exclude_none=True)
@@ -271,8 +271,8 @@ async def send_email(
         make = lambda: _enqueue(settings, "send_email", arguments, request.priority, request.due_at())  # noqa: E731
         return await run_in_threadpool(_idempotent, settings, "send-email", idempotency_key, request, make)
     with _task_errors():
-        job = await queues.enqueue_task_async(settings, "send_email", request, request.priority, request.due_at())
-    accepted = queues.job_accepted(job).model_dump_json(exclude_none=True)  # a JobAccepted already: not checked again
+        job = await enqueue.enqueue_task_async(settings, "send_email", request, request.priority, request.due_at())
+    accepted = views.job_accepted(job).model_dump_json(exclude_none=True)  # a JobAccepted already: not checked again
     return Response(accepted, status_code=202, media_type="application/json")
 
 
@@ -284,7 +284,7 @@ def send_email_batch(settings: AppSettings, request: SendEmailBatch) -> Response
     priority, and checking a thousand of them against the model again cost a tenth of the request.
     """
     emails = [email.model_dump(mode="json") for email in request.emails]
-    statuses = queues.enqueue_emails(settings, emails, request.priority)
+    statuses = enqueue.enqueue_emails(settings, emails, request.priority)
     accepted = [
         {"job_id": id_, "status": status.value, "queue": request.priority, "status_url": f"/job/{id_}"}
         for id_, status in statuses.items()
@@ -317,8 +317,8 @@ def list_failed_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobPage:
     """Failed jobs with their error, newest first; all queues unless one is named."""
-    total, jobs = queues.failed_jobs(settings, queue, offset, limit)
-    return JobPage(total=total, offset=offset, limit=limit, jobs=[queues.job_view(job) for job in jobs])
+    total, jobs = views.failed_jobs(settings, queue, offset, limit)
+    return JobPage(total=total, offset=offset, limit=limit, jobs=[views.job_view(job) for job in jobs])
 
 
 @router.get("/jobs/scheduled", response_model=JobPage)
@@ -328,31 +328,31 @@ def list_scheduled_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobPage:
     """Jobs waiting for their time, soonest first: delayed jobs and retries waiting out their backoff."""
-    total, jobs = queues.scheduled_jobs(settings, offset, limit)
-    return JobPage(total=total, offset=offset, limit=limit, jobs=[queues.job_view(job) for job in jobs])
+    total, jobs = views.scheduled_jobs(settings, offset, limit)
+    return JobPage(total=total, offset=offset, limit=limit, jobs=[views.job_view(job) for job in jobs])
 
 
 @router.get("/jobs/periodic", response_model=PeriodicJobList)
 def list_periodic_jobs(settings: AppSettings) -> PeriodicJobList:
     """Each periodic job (declared in `cron.py`) with its schedule, its last run and its next run."""
-    return cron.periodic_jobs(queues.get_redis(settings))
+    return cron.periodic_jobs(store.get_redis(settings))
 
 
 @router.get("/job/{job_id}", response_model=JobView)
 def get_job(settings: AppSettings, job_id: JobId) -> JobView:
-    return queues.job_view(queues.fetch_job(settings, job_id))
+    return views.job_view(store.fetch_job(settings, job_id))
 
 
 @router.delete("/job/{job_id}", response_model=JobView)
 def cancel_job(settings: AppSettings, job_id: JobId) -> JobView:
     """Cancel a job that has not started yet (409 once it has run)."""
-    return queues.job_view(queues.cancel_job(settings, job_id))
+    return views.job_view(states.cancel_job(settings, job_id))
 
 
 @router.post("/job/{job_id}/requeue", status_code=202, response_model=JobView)
 def requeue_job(settings: AppSettings, job_id: JobId) -> JobView:
     """Put a failed job back on its queue with its retries restored."""
-    return queues.job_view(queues.requeue_job(settings, job_id))
+    return views.job_view(states.requeue_job(settings, job_id))
 
 
 @router.post("/notifications", status_code=202, response_model=NotificationAccepted)
@@ -411,7 +411,7 @@ def save_contact(settings: AppSettings, user_id: UserId, contact: UserContact) -
     if contact.webhook_url:
         dispatch.check_webhook_url(settings, contact.webhook_url)
     notifications.save_contact(
-        queues.get_redis(settings), user_id, {"email": contact.to, "webhook_url": contact.webhook_url}
+        store.get_redis(settings), user_id, {"email": contact.to, "webhook_url": contact.webhook_url}
     )
     return ContactView.of(contact.to, contact.webhook_url)
 
@@ -470,7 +470,7 @@ def unsubscribe(settings: AppSettings, token: UnsubscribeToken, request: Request
 @router.get("/users/{user_id}/contact", response_model=ContactView)
 def get_contact(settings: AppSettings, user_id: UserId) -> ContactView:
     """The stored contact of a user (404 when none was stored)."""
-    stored = notifications.load_contact(queues.get_redis(settings), user_id)
+    stored = notifications.load_contact(store.get_redis(settings), user_id)
     if not stored:
         raise HTTPException(404, f"no contact stored for user {user_id!r}")
     return ContactView.of(stored.get("email"), stored.get("webhook_url"))
@@ -482,7 +482,7 @@ router.include_router(inbox.router)
 @router.get("/healthz", responses={503: {"model": Problem}})
 def healthz(settings: AppSettings) -> dict[str, str]:
     """200 when Redis answers; Redis errors become the 503 above."""
-    queues.get_redis(settings).ping()
+    store.get_redis(settings).ping()
     return {"status": "ok", "redis": "ok"}
 
 
@@ -490,7 +490,7 @@ def healthz(settings: AppSettings) -> dict[str, str]:
 def readyz(settings: AppSettings) -> dict[str, str | int]:
     """200 when Redis answers and at least one worker has a live heartbeat, else 503 with the reason."""
     try:
-        workers = metrics.alive_workers(queues.get_redis(settings))
+        workers = metrics.alive_workers(store.get_redis(settings))
     except RedisError as exc:
         raise HTTPException(503, f"Redis does not answer: {type(exc).__name__}") from None
     if not workers:
@@ -501,7 +501,7 @@ def readyz(settings: AppSettings) -> dict[str, str | int]:
 @router.get("/metrics", response_class=PlainTextResponse, responses={503: {"model": Problem}})
 def prometheus_metrics(settings: AppSettings) -> Response:
     """Prometheus metrics of the whole service (queues, workers, jobs, notifications), read from Redis."""
-    return Response(metrics.exposition(queues.get_redis(settings)), media_type=metrics.CONTENT_TYPE)
+    return Response(metrics.exposition(store.get_redis(settings)), media_type=metrics.CONTENT_TYPE)
 
 
 API_KEY_SCHEMES = {

@@ -198,7 +198,8 @@ def noop() -> None:
 
 
 def await_completion(description: str) -> None:
-    """Never run by a worker: such a job waits (RQ status deferred) until `queues.complete_job` finishes it."""
+    """Never run by a worker: such a job waits (RQ status deferred) until `states.complete_job` (`herald.jobs`)
+    finishes it."""
     raise PermanentError("await_completion jobs are finished by complete_task, not run by a worker")
 
 
@@ -208,7 +209,7 @@ class Task:
     args: type[BaseModel]
     description: str
     waits: bool = False
-    """True: the job is parked until a person or outside system completes it (`queues.complete_job`)."""
+    """True: the job is parked until a person or outside system completes it (`herald.jobs.states.complete_job`)."""
 
 
 TASKS: dict[str, Task] = {

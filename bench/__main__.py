@@ -72,7 +72,7 @@ def make_rows(config: Config) -> dict[str, Row]:
         "api p50": Row("POST /send-email p50", "ms", "GET /healthz p50"),
         "api p99": Row("POST /send-email p99", "ms", "GET /healthz p99", "≤50 ms"),
         "many": Row(f"queue.enqueue_many, pipelines of {jobs.CHUNK}", "jobs/s", "queue.enqueue loop"),
-        "tasks": Row("queues.enqueue_task loop (project)", "jobs/s", "queue.enqueue loop"),
+        "tasks": Row("enqueue.enqueue_task loop (project)", "jobs/s", "queue.enqueue loop"),
         "batch": Row(f"POST batch endpoint, {jobs.CHUNK} per request", "jobs/s", "queue.enqueue loop", "≥10,000"),
         "emails": Row(
             f"{config.emails} emails: API, Redis, worker.py, sink", "mails/s", "project no-op jobs, same N workers"

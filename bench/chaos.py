@@ -113,12 +113,12 @@ def _spread(seconds: list[float]) -> str:
 
 
 def enqueue(count: int) -> list[str]:
-    from herald.jobs import queues
+    from herald.jobs import enqueue
     from settings import Settings
 
     settings = Settings()
     return [
-        queues.enqueue_task(
+        enqueue.enqueue_task(
             settings, "send_email", {"to": f"user{n}@example.com", "subject": f"chaos {n}", "body": "x"}
         ).id
         for n in range(count)

@@ -1,7 +1,7 @@
 """What one job costs Redis: `python -m bench.jobcost [--jobs N] [--worker KIND ...]` (a measurement).
 
 Starts a private Valkey (configured as the service runs it), queues N no-op jobs of the service
-(`herald.jobs.queues.enqueue_task('noop', {})`), drains them with one burst worker, and prints per job: Redis
+(`herald.jobs.enqueue.enqueue_task('noop', {})`), drains them with one burst worker, and prints per job: Redis
 commands by name (`INFO commandstats`, commands inside scripts included), round trips (client writes
 that follow a reply, counted by a TCP relay in this process), Redis CPU (`used_cpu_user` +
 `used_cpu_sys`), worker wall time, and jobs/s. The relay adds latency: jobs/s is measured in a second
@@ -88,7 +88,7 @@ def snapshot(connection: Redis) -> tuple[Counter[str], float]:
     return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
-ENQUEUE = "from herald.jobs import queues\nfor _ in range({count}): queues.enqueue_task('noop', {{}})"
+ENQUEUE = "from herald.jobs import enqueue\nfor _ in range({count}): enqueue.enqueue_task('noop', {{}})"
 
 
 def enqueue(count: int) -> None:

@@ -22,7 +22,7 @@ from tests.helpers import stop_process, wait_until
 
 CHUNK = 500
 """Jobs per `enqueue_many` pipeline, and per batch request."""
-SOURCES_DOC = "project = queues.enqueue_task('noop', {}), plain = queue.enqueue(bench.noop.noop) (imports nothing)"
+SOURCES_DOC = "project = enqueue.enqueue_task('noop', {}), plain = queue.enqueue(bench.noop.noop) (imports nothing)"
 """Project jobs run `tasks.noop` with the service's retry policy and callbacks; plain ones are RQ's alone."""
 
 
@@ -47,24 +47,24 @@ def enqueue_many(connection: Redis, count: int) -> float:
 
 
 def enqueue_tasks(count: int) -> float:
-    """Jobs/s for the project's `queues.enqueue_task` (validation, retry policy, callbacks, one transaction)."""
-    from herald.jobs import queues
+    """Jobs/s for the project's `enqueue.enqueue_task` (validation, retry policy, callbacks, one transaction)."""
+    from herald.jobs import enqueue
     from settings import Settings
 
     settings, started = Settings(), time.perf_counter()
     for _ in range(count):
-        queues.enqueue_task(settings, "noop", {})
+        enqueue.enqueue_task(settings, "noop", {})
     return count / (time.perf_counter() - started)
 
 
 def enqueue_one(source: str) -> Job:
-    from herald.jobs import queues
+    from herald.jobs import enqueue, store
     from settings import Settings
 
     settings = Settings()
     if source == "project":
-        return queues.enqueue_task(settings, "noop", {})
-    return Queue("default", connection=queues.get_redis(settings)).enqueue(noop)
+        return enqueue.enqueue_task(settings, "noop", {})
+    return Queue("default", connection=store.get_redis(settings)).enqueue(noop)
 
 
 def fill(stack: Stack, source: str, count: int) -> None:

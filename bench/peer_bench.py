@@ -204,7 +204,7 @@ def enqueue(stack: Stack, python: Path, setup: Setup, task: str, count: int) -> 
 
 
 def _enqueue_project(task: str, count: int) -> None:
-    from herald.jobs import queues
+    from herald.jobs import enqueue
     from settings import Settings
 
     settings = Settings()
@@ -213,11 +213,11 @@ def _enqueue_project(task: str, count: int) -> None:
         return
     if task == "noop":
         for _ in range(count):
-            queues.enqueue_task(settings, "noop", {})
+            enqueue.enqueue_task(settings, "noop", {})
         return
     emails = [{"to": f"user{n}@example.com", "subject": "Mail", "body": "Hello"} for n in range(count)]
     for first in range(0, count, 500):
-        queues.enqueue_emails(settings, emails[first : first + 500], "default")
+        enqueue.enqueue_emails(settings, emails[first : first + 500], "default")
 
 
 def _enqueue_notifications(count: int) -> None:

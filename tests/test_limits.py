@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from rq.rate_limit import RateLimitRegistry
 
 from herald.api.dashboard import mount_dashboard
-from herald.jobs import queues
+from herald.jobs import backpressure, enqueue
 from herald.mailsink import MailSink
 from herald.rq_seam import limits
 from settings import Settings
@@ -76,7 +76,7 @@ def test_email_to_the_smtp_server_runs_at_most_the_limit_through_every_way_in(
     ids = [client.post("/send-email", json=email).json()["job_id"] for _ in range(3)]  # the asyncio path
     batch = client.post("/send-email/batch", json={"emails": [email] * 3}).json()  # the bulk path
     ids += [job["job_id"] for job in batch["jobs"]]
-    ids += [queues.enqueue_task(Settings(), "send_email", email).id]  # the blocking path (POST /jobs)
+    ids += [enqueue.enqueue_task(Settings(), "send_email", email).id]  # the blocking path (POST /jobs)
     ids += _job_ids([_notify(client, channels=["email"], to="bo@example.com")])  # a notification's email
     assert sorted(client.get(f"/job/{job_id}").json()["status"] for job_id in ids[:3]) == [
         "queued",
@@ -149,7 +149,7 @@ def test_send_email_answered_503_wrote_nothing_and_202_holds_its_slot(
     outcomes = []
     for failing in range(1, 7):
         monkeypatch.setattr(aioredis.Redis, "execute_command", _failing_command(real, failing))
-        queues._known_lengths.clear()  # the queue's length is read again: one command more to fail
+        backpressure._known_lengths.clear()  # the queue's length is read again: one command more to fail
         answer = client.post("/send-email", json=email)
         monkeypatch.setattr(aioredis.Redis, "execute_command", real)
         outcomes.append(answer.status_code)
@@ -176,7 +176,7 @@ def test_jobs_waiting_for_their_slot_count_toward_a_full_queue(
     assert statuses == ["queued", "queued", "rate_limited", "rate_limited"]
     for fresh in (False, True):  # this process's own count of what it added, then the count read from Redis
         if fresh:
-            queues._known_lengths.clear()
+            backpressure._known_lengths.clear()
         assert client.post("/send-email", json=email).status_code == 429
         assert client.post("/jobs", json={"task": "send_email", "kwargs": email}).status_code == 429
         assert client.post("/send-email/batch", json={"emails": [email]}).status_code == 429

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Queue
 
-from herald.jobs.queues import DELAYED_JOBS_KEY
+from herald.jobs.store import DELAYED_JOBS_KEY
 from herald.mailsink import MailSink
 from tests.conftest import StartProcess
 from tests.helpers import wait_until

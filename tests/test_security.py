@@ -31,7 +31,7 @@ from herald import serve
 from herald.api.dashboard import mount_dashboard
 from herald.api.security import ApiKeyMiddleware, BodyLimitMiddleware, key_matches
 from herald.infra import connections, metrics_hooks
-from herald.jobs import queues
+from herald.jobs import enqueue
 from herald.mailsink import free_port
 from settings import DEFAULT_UNSUBSCRIBE_SECRET, DEFAULT_WEBHOOK_SECRET, Settings, get_settings
 from tests.conftest import MakeClient
@@ -277,10 +277,10 @@ def test_an_oom_reply_as_a_plain_response_error_is_503_other_errors_stay_500(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def refuse(message: str) -> None:
-        def enqueue(*args: object) -> None:
+        def refused(*args: object) -> None:
             raise ResponseError(message)
 
-        monkeypatch.setattr(queues, "enqueue_task", enqueue)
+        monkeypatch.setattr(enqueue, "enqueue_task", refused)
 
     refuse("OOM command not allowed when used memory > 'maxmemory'.")
     assert client.post("/jobs", json={"task": "noop"}).status_code == 503

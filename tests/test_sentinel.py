@@ -18,7 +18,7 @@ import pytest
 import rqconfig
 from herald import mailsink
 from herald.infra import connections
-from herald.jobs import queues
+from herald.jobs import enqueue, store
 from settings import Settings
 from tests.conftest import StartProcess
 from tests.helpers import ROOT, stop_process, wait_for_http, wait_until
@@ -138,7 +138,7 @@ def test_every_process_finds_the_primary_through_sentinel_and_follows_a_failover
 
 def test_the_stock_rq_worker_runs_jobs_through_sentinel_with_rqconfig(sentinel_env: dict[str, str]) -> None:
     settings = Settings()
-    job = queues.enqueue_task(settings, "noop", {}, "low")
+    job = enqueue.enqueue_task(settings, "noop", {}, "low")
     run = rq_cli("worker", "--burst", "high", "default", "low")
     assert run.returncode == 0, run.stdout + run.stderr
-    assert queues.fetch_job(settings, job.id).get_status().value == "finished"
+    assert store.fetch_job(settings, job.id).get_status().value == "finished"

@@ -15,7 +15,7 @@ from rq import Callback, Queue
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 
-from herald.jobs import queues
+from herald.jobs import queues, retries
 from herald.rq_seam.recovery import CLAIMS_KEY
 from settings import Settings
 from tests import fixtures
@@ -26,7 +26,7 @@ from tests.helpers import kill_worker, wait_until
 def _enqueue(redis: Redis, function: Callable[..., object], *args: object) -> Job:
     """A job with the service's retries and failure callback."""
     return Queue("default", connection=redis).enqueue(
-        function, *args, retry=queues.retry_policy(Settings()), on_failure=Callback(queues.on_job_failure)
+        function, *args, retry=retries.retry_policy(Settings()), on_failure=Callback(queues.on_job_failure)
     )
 
 

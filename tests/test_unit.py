@@ -17,7 +17,7 @@ from rq.job import JobStatus
 import worker
 from herald import mailsink
 from herald.exceptions import UnknownTaskError
-from herald.jobs import queues
+from herald.jobs import enqueue, queues, retries, store, views
 from herald.notify import notifications
 from herald.schemas import EmailArgs
 from settings import Settings, get_settings
@@ -26,12 +26,12 @@ from tests import fixtures
 
 def test_backoff_doubles_up_to_the_cap_without_jitter() -> None:
     settings = Settings(retry_max=6, retry_base_seconds=60, retry_cap_seconds=600, retry_jitter=0)
-    assert queues.backoff_intervals(settings) == [60, 120, 240, 480, 600, 600]
+    assert retries.backoff_intervals(settings) == [60, 120, 240, 480, 600, 600]
 
 
 def test_backoff_jitter_stays_within_its_fraction_and_varies() -> None:
     settings = Settings(retry_max=3, retry_base_seconds=100, retry_cap_seconds=10_000, retry_jitter=0.5)
-    samples = [queues.backoff_intervals(settings, random.Random(seed)) for seed in range(50)]
+    samples = [retries.backoff_intervals(settings, random.Random(seed)) for seed in range(50)]
     for delays in samples:
         assert delays >= [100, 200, 400]
         assert all(base <= delay <= base * 1.5 for base, delay in zip([100, 200, 400], delays, strict=False))
@@ -39,7 +39,7 @@ def test_backoff_jitter_stays_within_its_fraction_and_varies() -> None:
 
 
 def test_no_retries_configured_means_no_retry_policy() -> None:
-    assert queues.retry_policy(Settings(retry_max=0)) is None
+    assert retries.retry_policy(Settings(retry_max=0)) is None
 
 
 def test_email_args_accept_recipient_email_alias_and_refuse_header_injection() -> None:
@@ -52,31 +52,31 @@ def test_email_args_accept_recipient_email_alias_and_refuse_header_injection() -
 
 def test_unknown_task_is_refused_naming_the_known_ones(fake_redis: fakeredis.FakeRedis) -> None:
     with pytest.raises(UnknownTaskError) as raised:
-        queues.enqueue_task(Settings(), "os.system", {"command": "true"})
+        enqueue.enqueue_task(Settings(), "os.system", {"command": "true"})
     assert raised.value.known == ["await_completion", "noop", "purge_expired", "send_email"]
     assert all(Queue(name, connection=fake_redis).count == 0 for name in ("high", "default", "low"))
 
 
 def test_task_arguments_are_validated_before_enqueue(fake_redis: fakeredis.FakeRedis) -> None:
     with pytest.raises(ValidationError):
-        queues.enqueue_task(Settings(), "send_email", {"to": "not-an-address", "subject": "s", "body": "b"})
+        enqueue.enqueue_task(Settings(), "send_email", {"to": "not-an-address", "subject": "s", "body": "b"})
     assert Queue("default", connection=fake_redis).count == 0
 
 
 def test_enqueue_puts_the_job_on_the_priority_queue_with_backoff(fake_redis: fakeredis.FakeRedis) -> None:
-    job = queues.enqueue_task(Settings(), "noop", {}, "high")
+    job = enqueue.enqueue_task(Settings(), "noop", {}, "high")
     assert job.origin == "high"
     assert Queue("high", connection=fake_redis).job_ids == [job.id]
     assert job.retries_left == 4 and job.retry_intervals == [1, 2, 4, 4]
-    assert queues.job_view(job).task == "noop"
+    assert views.job_view(job).task == "noop"
 
 
 def test_worker_takes_high_before_default_before_low(fake_redis: fakeredis.FakeRedis) -> None:
-    low = [queues.enqueue_task(Settings(), "noop", {}, "low") for _ in range(3)]
-    default = queues.enqueue_task(Settings(), "noop", {}, "default")
-    high = queues.enqueue_task(Settings(), "noop", {}, "high")
+    low = [enqueue.enqueue_task(Settings(), "noop", {}, "low") for _ in range(3)]
+    default = enqueue.enqueue_task(Settings(), "noop", {}, "default")
+    high = enqueue.enqueue_task(Settings(), "noop", {}, "high")
     SimpleWorker(["high", "default", "low"], connection=fake_redis).work(burst=True)
-    jobs = [queues.fetch_job(Settings(), job.id) for job in (high, default, *low)]
+    jobs = [store.fetch_job(Settings(), job.id) for job in (high, default, *low)]
     assert all(job.get_status() == JobStatus.FINISHED for job in jobs)
     started = [job.started_at for job in jobs]
     assert started == sorted(started)  # type: ignore[type-var]
@@ -84,14 +84,14 @@ def test_worker_takes_high_before_default_before_low(fake_redis: fakeredis.FakeR
 
 def _enqueue_fixture(connection: fakeredis.FakeRedis, func: Callable[[], None]) -> str:
     queue = Queue("default", connection=connection)
-    job = queue.enqueue(func, retry=queues.retry_policy(Settings()), on_failure=Callback(queues.on_job_failure))
+    job = queue.enqueue(func, retry=retries.retry_policy(Settings()), on_failure=Callback(queues.on_job_failure))
     return job.id
 
 
 def test_permanent_error_fails_at_once_with_its_error_recorded(fake_redis: fakeredis.FakeRedis) -> None:
     job_id = _enqueue_fixture(fake_redis, fixtures.fail_permanently)
     SimpleWorker(["default"], connection=fake_redis).work(burst=True)
-    view = queues.job_view(queues.fetch_job(Settings(), job_id))
+    view = views.job_view(store.fetch_job(Settings(), job_id))
     assert (view.status, view.retries_left) == ("failed", 0)
     assert view.error is not None and (view.error.type, view.error.message) == ("PermanentError", "recipient rejected")
 
@@ -99,7 +99,7 @@ def test_permanent_error_fails_at_once_with_its_error_recorded(fake_redis: faker
 def test_transient_error_is_scheduled_for_retry(fake_redis: fakeredis.FakeRedis) -> None:
     job_id = _enqueue_fixture(fake_redis, fixtures.fail_transiently)
     SimpleWorker(["default"], connection=fake_redis).work(burst=True)
-    view = queues.job_view(queues.fetch_job(Settings(), job_id))
+    view = views.job_view(store.fetch_job(Settings(), job_id))
     assert (view.status, view.retries_left) == ("scheduled", 3)
     assert view.error is not None and view.error.type == "TransientError"
 
@@ -114,11 +114,11 @@ def test_failed_jobs_are_listed_newest_first_across_queues(
     for name in ("low", "high", "default"):  # oldest failure first
         ids.append(Queue(name, connection=fake_redis).enqueue(fixtures.fail_permanently).id)
         SimpleWorker([name], connection=fake_redis).work(burst=True)
-    total, jobs = queues.failed_jobs(Settings(), None, 0, 2)
+    total, jobs = views.failed_jobs(Settings(), None, 0, 2)
     assert total == 3 and [job.id for job in jobs] == [ids[2], ids[1]]
-    total, jobs = queues.failed_jobs(Settings(), None, 2, 2)
+    total, jobs = views.failed_jobs(Settings(), None, 2, 2)
     assert [job.id for job in jobs] == [ids[0]]
-    assert queues.failed_jobs(Settings(), "low", 0, 10)[0] == 1
+    assert views.failed_jobs(Settings(), "low", 0, 10)[0] == 1
 
 
 def test_smtp_unreachable_is_retried_and_no_smtp_host_fails_at_once(
@@ -129,17 +129,17 @@ def test_smtp_unreachable_is_retried_and_no_smtp_host_fails_at_once(
     monkeypatch.setenv("SMTP_HOST", "127.0.0.1")
     monkeypatch.setenv("SMTP_PORT", str(mailsink.free_port()))  # nothing listens there
     get_settings.cache_clear()  # the job runs in this process: its entry point (`tasks.send_email`) reads them
-    unreachable = queues.enqueue_task(Settings(), "send_email", arguments)
+    unreachable = enqueue.enqueue_task(Settings(), "send_email", arguments)
     SimpleWorker(["default"], connection=fake_redis).work(burst=True)
-    view = queues.job_view(queues.fetch_job(Settings(), unreachable.id))
+    view = views.job_view(store.fetch_job(Settings(), unreachable.id))
     assert (view.status, view.retries_left) == ("scheduled", 3)
     assert view.error is not None and view.error.type == "TransientError" and "unreachable" in view.error.message
 
     monkeypatch.delenv("SMTP_HOST")
     get_settings.cache_clear()
-    unconfigured = queues.enqueue_task(Settings(), "send_email", arguments)
+    unconfigured = enqueue.enqueue_task(Settings(), "send_email", arguments)
     SimpleWorker(["default"], connection=fake_redis).work(burst=True)
-    view = queues.job_view(queues.fetch_job(Settings(), unconfigured.id))
+    view = views.job_view(store.fetch_job(Settings(), unconfigured.id))
     assert (view.status, view.retries_left) == ("failed", 0)
     assert view.error is not None and (view.error.type, view.error.message) == (
         "PermanentError",

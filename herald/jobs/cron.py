@@ -22,7 +22,7 @@ from rq.job import Job
 
 from herald.infra.patterns import PERIODIC_JOB_NAME_PATTERN
 from herald.infra.statuses import JobState
-from herald.jobs import queues
+from herald.jobs import views
 from herald.rq_seam.schedulers import last_interval_run as last_interval_run
 from herald.rq_seam.schedulers import latest_due as latest_due
 from herald.rq_seam.schedulers import next_run_after as next_run_after
@@ -109,7 +109,7 @@ def _last_run(connection: Redis, name: str) -> PeriodicRun | None:
     run_at = job.meta.get("run_at")
     return PeriodicRun(
         job_id=job.id,
-        status=queues.status_name(job),
+        status=views.status_name(job),
         run_at=datetime.fromisoformat(run_at) if run_at else None,
         enqueued_at=job.enqueued_at,
         ended_at=job.ended_at,

@@ -16,7 +16,7 @@ import tasks
 from herald.exceptions import JobNotFoundError, JobStateError, TargetError
 from herald.infra import metrics
 from herald.infra.statuses import OPEN_DELIVERY_STATUSES, DeliveryStatus
-from herald.jobs import queues
+from herald.jobs import backpressure, enqueue, queues, retries, states, store
 from herald.notify import digests, notifications, preferences, rendering
 from herald.notify import unsubscribe as unsubscribe_links
 from herald.notify.channels.base import Message
@@ -41,18 +41,18 @@ class Content:
     html: str | None = None
 
 
-@queues.accepting
+@store.accepting
 def create_notification(settings: Settings, request: NotificationRequest, correlation_id: str) -> NotificationAccepted:
     """Records and jobs of a new notification: a delivery the user opted out of is recorded as
     `skipped` and gets no job; a non-urgent one due in the user's quiet hours waits until they end."""
-    connection = queues.get_redis(settings)
+    connection = store.get_redis(settings)
     contents = _contents(request)
     targets = _targets(settings, request, notifications.load_contact(connection, request.user_id))
     wishes = preferences.load(connection, request.user_id)
     notification_id, created = notifications.new_id(), notifications.now_iso()
     due = None if request.digest_key else _due(request, wishes)
-    queue = queues.get_queue(QUEUE_OF_PRIORITY[request.priority], connection)
-    queues.ensure_capacity(settings, queue)
+    queue = store.get_queue(QUEUE_OF_PRIORITY[request.priority], connection)
+    backpressure.ensure_capacity(settings, queue)
     record = {
         **request.model_dump(mode="json", include=RECORDED_FIELDS),
         "notification_id": notification_id,
@@ -89,10 +89,10 @@ def create_notification(settings: Settings, request: NotificationRequest, correl
     if request.digest_key:
         _add_to_digests(settings, request, wishes, queue, record, deliveries)
         return _accepted(record, deliveries)
-    with queues.transaction(settings) as pipeline:
+    with store.transaction(settings) as pipeline:
         notifications.write(pipeline, record, deliveries)
         for job in jobs:
-            queues.submit(queue, job, due, pipeline)
+            enqueue.submit(queue, job, due, pipeline)
         _count(pipeline, deliveries)
     return _accepted(record, deliveries)
 
@@ -121,13 +121,13 @@ def _add_to_digests(
         correlation_id = digest["message"]["correlation_id"]
         target = digest["message"].get("target")
         args = (tasks.deliver_digest, digest["delivery_id"], digest["channel"], digest["max_attempts"], correlation_id)
-        queues.submit(queue, _delivery_job(settings, queue, *args, target), due, pipeline)
+        enqueue.submit(queue, _delivery_job(settings, queue, *args, target), due, pipeline)
 
     def write_records(pipeline: Any) -> None:
         notifications.write(pipeline, record, deliveries)
         _count(pipeline, deliveries)
 
-    digests.add(queues.get_redis(settings), deliveries, request.digest_key, due, schedule, write_records)
+    digests.add(store.get_redis(settings), deliveries, request.digest_key, due, schedule, write_records)
 
 
 def _due(request: NotificationRequest, wishes: Preferences) -> datetime | None:
@@ -170,7 +170,7 @@ def _delivery_job(
     concurrency limit of its destination (`limits`)."""
     kind = "digest" if function is tasks.deliver_digest else "deliver"
     meta = {"task": f"{kind}_{channel}", "correlation_id": correlation_id}
-    retry = queues.retry_policy(settings, retries=attempts - 1)
+    retry = retries.retry_policy(settings, retries=attempts - 1)
     return queue.create_job(
         function,
         kwargs={"delivery_id": delivery_id},
@@ -238,14 +238,14 @@ def _accepted(record: dict[str, Any], deliveries: list[dict[str, Any]]) -> Notif
 
 
 def get_notification(settings: Settings, notification_id: str) -> NotificationView | None:
-    found = notifications.load_notification(queues.get_redis(settings), notification_id)
+    found = notifications.load_notification(store.get_redis(settings), notification_id)
     return notifications.view(*found) if found else None
 
 
-@queues.accepting
+@store.accepting
 def cancel_notification(settings: Settings, notification_id: str) -> NotificationView | None:
     """Cancel every delivery not yet sent; one being sent right now finishes."""
-    connection = queues.get_redis(settings)
+    connection = store.get_redis(settings)
     found = notifications.load_notification(connection, notification_id)
     if found is None:
         return None
@@ -264,18 +264,18 @@ def _cancel_delivery(settings: Settings, connection: Any, delivery: dict[str, An
     notifications.update(connection, delivery["delivery_id"], status=DeliveryStatus.CANCELED)
     # A job that started meanwhile sees `canceled` if it runs again; one that expired is gone.
     with suppress(JobStateError, JobNotFoundError):
-        queues.cancel_job(settings, delivery["job_id"])
+        states.cancel_job(settings, delivery["job_id"])
     return True
 
 
 def get_digest(settings: Settings, delivery_id: str) -> DigestView | None:
-    return digests.view(queues.get_redis(settings), delivery_id)
+    return digests.view(store.get_redis(settings), delivery_id)
 
 
-@queues.accepting
+@store.accepting
 def retry_delivery(settings: Settings, notification_id: str, channel: str) -> NotificationView | None:
     """Manual retry of a failed delivery, with a fresh attempt budget."""
-    connection = queues.get_redis(settings)
+    connection = store.get_redis(settings)
     found = notifications.load_notification(connection, notification_id)
     if found is None:
         return None
@@ -283,7 +283,7 @@ def retry_delivery(settings: Settings, notification_id: str, channel: str) -> No
     if delivery is None or delivery["status"] != DeliveryStatus.FAILED:
         state = delivery["status"] if delivery else "not part of this notification"
         raise JobStateError(f"the {channel} delivery is {state}; only a failed delivery can be retried")
-    queues.requeue_job(settings, delivery["job_id"])
+    states.requeue_job(settings, delivery["job_id"])
     notifications.update(
         connection, delivery["delivery_id"], status=DeliveryStatus.PENDING, attempts=0, next_retry_at=None
     )
@@ -291,11 +291,11 @@ def retry_delivery(settings: Settings, notification_id: str, channel: str) -> No
 
 
 def get_preferences(settings: Settings, user_id: str) -> Preferences:
-    return preferences.load(queues.get_redis(settings), user_id)
+    return preferences.load(store.get_redis(settings), user_id)
 
 
 def save_preferences(settings: Settings, user_id: str, wishes: Preferences) -> Preferences:
-    return preferences.save(queues.get_redis(settings), user_id, wishes)
+    return preferences.save(store.get_redis(settings), user_id, wishes)
 
 
 def unsubscribe(settings: Settings, token: str) -> unsubscribe_links.Subscription | None:
@@ -303,7 +303,7 @@ def unsubscribe(settings: Settings, token: str) -> unsubscribe_links.Subscriptio
     nothing, for any other token."""
     subscription = read_unsubscribe_token(settings, token)
     if subscription is not None:
-        preferences.set_topic_channel(queues.get_redis(settings), *subscription, wanted=False)
+        preferences.set_topic_channel(store.get_redis(settings), *subscription, wanted=False)
     return subscription
 
 

@@ -1,4 +1,4 @@
-"""RQ's private steps of an enqueue, for the service's own ways of writing jobs (`herald.jobs.queues`)."""
+"""RQ's private steps of an enqueue, for the service's own ways of writing jobs (`herald.jobs.enqueue`)."""
 
 from __future__ import annotations
 
