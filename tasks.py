@@ -23,9 +23,9 @@ from rq.job import Job
 from herald.exceptions import PermanentError, TemplateError
 from herald.infra import connections, metrics
 from herald.infra.statuses import DeliveryStatus
+from herald.jobs import sent_once
 from herald.notify import digests, notifications, preferences
 from herald.notify.channels import CHANNELS, Message, email, in_app
-from herald.rq_seam import recovery
 from herald.schemas import AwaitArgs, EmailArgs, NoArgs
 from settings import Settings, get_settings
 
@@ -35,12 +35,12 @@ log = logging.getLogger("tasks")
 def send_email(to: str, subject: str, body: str) -> dict[str, str]:
     """Send one email over SMTP and return its Message-ID; a re-run of a job that sent it sends nothing."""
     job = get_current_job()
-    message_id = recovery.sent_marker(job)
+    message_id = sent_once.sent_marker(job)
     if message_id is None:
         settings = get_settings()
         message = email.build_message(settings, to, subject, body, unique_id=job.id if job else None)
         email.send(settings, message)
-        message_id = recovery.mark_sent(settings, job, str(message["Message-ID"]))
+        message_id = sent_once.mark_sent(settings, job, str(message["Message-ID"]))
     return {"to": to, "message_id": message_id}
 
 
@@ -111,7 +111,7 @@ def _attempt(settings: Settings, job: Job, delivery: dict[str, Any]) -> dict[str
         raise
     with connection.pipeline(transaction=False) as pipeline:  # one round trip for what follows a send
         if sent_now:
-            recovery.mark_sent(settings, job, DeliveryStatus.DELIVERED, pipeline)
+            sent_once.mark_sent(settings, job, DeliveryStatus.DELIVERED, pipeline)
         delivered_at = notifications.now_iso()
         notifications.update(pipeline, delivery_id, status=DeliveryStatus.DELIVERED, delivered_at=delivered_at)
         pipeline.execute()
@@ -134,8 +134,8 @@ def _skip_reason(connection: Redis, delivery: dict[str, Any]) -> str | None:
 
 def _deliver_once(settings: Settings, job: Job, delivery: dict[str, Any]) -> bool:
     """Deliver, unless an earlier run of this job did and its worker died before recording it; whether
-    it delivered now (the caller marks it sent, `recovery.mark_sent`)."""
-    if recovery.sent_marker(job) is not None:
+    it delivered now (the caller marks it sent, `sent_once.mark_sent`)."""
+    if sent_once.sent_marker(job) is not None:
         return False
     CHANNELS[delivery["channel"]](settings, Message(**delivery["message"]))
     return True

@@ -57,7 +57,7 @@ from rq.worker_registration import clean_worker_registry
 
 from herald.infra import keys, metrics
 from herald.rq_seam import limits
-from settings import QUEUE_NAMES, Settings
+from settings import QUEUE_NAMES
 
 log = logging.getLogger("recovery")
 
@@ -815,26 +815,3 @@ def release_stale_slots(connection: Redis) -> None:
     """
     for registry in RateLimitRegistry.all(connection):
         registry.cleanup()
-
-
-def sent_marker(job: Job | None) -> str | None:
-    """What an earlier run of `job` recorded after sending (a Message-ID), or None: not sent yet."""
-    if job is None:
-        return None
-    value = job.connection.get(_sent_key(job))
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def mark_sent(settings: Settings, job: Job | None, value: str, pipeline: Pipeline | None = None) -> str:
-    """Record that `job` has sent, so that a re-run after its worker died does not send again
-    (on `pipeline` if given, which the caller sends).
-
-    One duplicate stays possible: a worker killed after the server accepted and before this write.
-    """
-    if job is not None:
-        (pipeline or job.connection).set(_sent_key(job), value, ex=settings.result_ttl_seconds or 86_400)
-    return value
-
-
-def _sent_key(job: Job) -> str:
-    return keys.sent(job.id)
