@@ -1,55 +1,37 @@
-"""The HTTP producer: validate the request, call one function of `herald.jobs` or `dispatch` with the app's settings
-(`AppSettings`), shape the answer."""
+"""The HTTP producer: validate the request, call one function of `herald.jobs` or `dispatch` with the
+app's settings (`AppSettings`), shape the answer. Errors become answers by `herald.api.errors`."""
 
 from __future__ import annotations
 
 import gc
-import logging
-import math
-import re
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Annotated, Any
-from uuid import uuid4
 
 from fastapi import APIRouter, FastAPI, Header, HTTPException, Path, Query, Request, Response
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, ValidationError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import OutOfMemoryError, RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers, MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from herald.api import idempotency, inbox
 from herald.api.dashboard import mount_dashboard
+from herald.api.errors import ERRORS, EXCEPTION_HANDLERS
 from herald.api.lazy import LazyApp
+from herald.api.middleware import CorrelationIdMiddleware
 from herald.api.security import DOCS_ASSETS_PATH, ApiKeyMiddleware, BodyLimitMiddleware, is_open
 from herald.api.state import AppSettings
-from herald.exceptions import (
-    IdempotencyConflict,
-    JobNotFoundError,
-    JobStateError,
-    NotReplicatedError,
-    QueueFullError,
-    ServiceError,
-    TargetError,
-    TemplateError,
-    UnknownTaskError,
-)
+from herald.exceptions import UnknownTaskError
 from herald.infra import connections, metrics
 from herald.infra.logs import setup_logging_from
 from herald.infra.patterns import ID_PATTERN, IDEMPOTENCY_KEY_PATTERN, JOB_ID_PATTERN, NOTIFICATION_ID_PATTERN
 from herald.jobs import cron, enqueue, states, store, views
 from herald.notify import dispatch, notifications
 from herald.notify import unsubscribe as unsubscribe_links
-from herald.notify.digests import DigestBusyError
 from herald.schemas import (
     ChannelName,
     ContactView,
@@ -74,12 +56,6 @@ from herald.schemas import (
     UserContact,
 )
 from settings import Settings, settings_or_exit
-
-log = logging.getLogger("app")
-Handler = Callable[[Request, Any], Coroutine[Any, Any, Response]]
-
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (400, 404, 409, 413, 422, 503)}
-"""Every operation's error answers: 400 a body that is not JSON, 413 a body over MAX_BODY_BYTES, and the rest."""
 
 
 def mcp_http_app(settings: Settings) -> Starlette:
@@ -111,93 +87,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 router = APIRouter()
 """Every route of the API; `create_app` includes it."""
-EXCEPTION_HANDLERS: dict[int | type[Exception], Handler] = {}
-"""How errors become answers; `create_app` installs them."""
-
-
-def _handles(*kinds: type[Exception]) -> Callable[[Handler], Handler]:
-    def register(handler: Handler) -> Handler:
-        EXCEPTION_HANDLERS.update(dict.fromkeys(kinds, handler))
-        return handler
-
-    return register
 
 
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="The id returned when the job was queued.")]
-
-
-@_handles(RedisConnectionError, RedisTimeoutError)
-async def redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    log.warning("redis unavailable: %s", type(exc).__name__)
-    return JSONResponse({"detail": "Redis is unavailable; try again shortly"}, status_code=503)
-
-
-@_handles(ResponseError)
-async def redis_out_of_memory(request: Request, exc: Exception) -> JSONResponse:
-    """Redis at `maxmemory` (noeviction) refuses writes: 503, not a 500; other Redis errors stay 500."""
-    if not (isinstance(exc, OutOfMemoryError) or str(exc).startswith("OOM")):
-        raise exc
-    log.error("redis is out of memory: writes are refused")
-    return JSONResponse({"detail": "Redis is out of memory; try again later"}, status_code=503)
-
-
-STATUS_OF_ERROR: dict[type[ServiceError], int] = {
-    JobNotFoundError: 404,
-    JobStateError: 409,
-    IdempotencyConflict: 409,
-    TargetError: 422,
-    TemplateError: 422,
-    QueueFullError: 429,
-    NotReplicatedError: 503,
-    DigestBusyError: 503,
-}
-
-
-def _finite(value: Any) -> Any:
-    """NaN and Infinity as strings: Python's JSON parser lets them into a request, JSON cannot carry them out."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    return [_finite(item) for item in value] if isinstance(value, list) else value
-
-
-@_handles(RequestValidationError)
-async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422, which echoes the invalid input: one holding NaN or Infinity must not become a 500."""
-    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
-
-
-@_handles(ServiceError)
-async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-    """Errors whose message is meant for the client: unknown ids, conflicts, unusable input."""
-    status = next((code for kind, code in STATUS_OF_ERROR.items() if isinstance(exc, kind)), 400)
-    return JSONResponse({"detail": str(exc)}, status_code=status, headers=exc.headers)
-
-
-class CorrelationIdMiddleware:
-    """`X-Request-ID` from the client (a plain token) or a new one, on the request and on the answer.
-
-    Pure ASGI rather than `@app.middleware("http")`, which costs a task and a stream per request.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = Headers(scope=scope).get("x-request-id", "")
-        correlation = given if re.fullmatch(ID_PATTERN, given) else uuid4().hex
-        scope.setdefault("state", {})["correlation_id"] = correlation
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)["X-Request-ID"] = correlation
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 IdempotencyKey = Annotated[

@@ -4,7 +4,8 @@ Sub-packages, in the direction of their imports (each may import those above it,
 
 - `infra`: Redis connections (plain or Sentinel, sync and asyncio), key names, logs, metrics;
 - `rq_seam`: every subclass of an RQ or rq-scheduler class and every private name of RQ or redis-py;
-- `jobs`: the job service (enqueue, schedule, cancel, requeue, views), retry policy, capacity, periodic jobs;
+- `jobs`: the job service (enqueue, schedule, cancel, requeue, views), retry policy, capacity, sent-once
+  markers, periodic jobs;
 - `notify`: notifications, delivery records, preferences, digests, rendering, and `channels/`;
 - `api`: the HTTP edge's parts (middleware, error mapping, idempotency, dashboard, MCP, inbox routes).
 

@@ -1,1 +1,3 @@
-"""The job service: enqueue, schedule, cancel, requeue and views of jobs; retry policy; capacity."""
+"""The job service: `enqueue` (tasks, email batches), `states` (cancel, requeue, complete), `views`
+(jobs and pages of them), `retries` (backoff), `backpressure` (capacity), `store` (Redis, queues,
+transactions), `queues` (RQ's callbacks and every job's options), `sent_once`, periodic jobs (`cron`)."""
