@@ -101,7 +101,7 @@ class Schedule(BaseModel):
 
     def schedule_problem(self, settings: Settings) -> str | None:
         """Why the due time is refused with these settings (beyond `SCHEDULE_HORIZON_DAYS`, or too far in
-        the past), or None. Checked where the settings are at hand (`app.within_horizon`), not here."""
+        the past), or None. Checked where the settings are at hand (`routes.within_horizon`), not here."""
         due, now = self.due_at(), datetime.now(UTC)
         if due and due > now + timedelta(days=settings.schedule_horizon_days):
             return f"must be within {settings.schedule_horizon_days} days from now"

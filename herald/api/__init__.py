@@ -1,3 +1,3 @@
-"""The HTTP edge's parts besides the routes of `app.py`: middleware (`middleware`, `security`), error
-answers (`errors`), idempotency, the in-app inbox routes, rq-dashboard at `/rq` and the MCP tools at
-`/mcp`. Nothing worker-side imports this package."""
+"""The HTTP edge, put together by `app.create_app`: the routes (`routes`, the in-app inbox's in `inbox`),
+error answers (`errors`), middleware (`middleware`, `security`), idempotency, rq-dashboard at `/rq` and
+the MCP tools at `/mcp`. Nothing worker-side imports this package."""

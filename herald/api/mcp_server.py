@@ -68,7 +68,7 @@ def _on_time(settings: Settings, request: Schedule) -> None:
 
 
 def _correlation_id() -> str:
-    """Over HTTP, the request's X-Request-ID (set by app.py's middleware); else a new id."""
+    """Over HTTP, the request's X-Request-ID (set by `middleware.CorrelationIdMiddleware`); else a new id."""
     try:
         given = getattr(get_http_request().state, "correlation_id", None)
     except RuntimeError:  # in-process transport: no HTTP request
