@@ -70,7 +70,7 @@ def _celery_pending(connection: Redis, count: int) -> int:
     return int(connection.eval("return redis.call('LLEN', KEYS[1]) + redis.call('HLEN', KEYS[2])", 2, QUEUE, "unacked"))
 
 
-def _rq_pending(connection: Redis, count: int) -> int:
+def rq_pending(connection: Redis, count: int) -> int:
     return count - int(connection.eval(_RQ_FINISHED, 0))
 
 
@@ -107,11 +107,11 @@ def setups(python: Path) -> dict[str, Setup]:
         Setup("dramatiq, its defaults", "dramatiq", dramatiq, _dramatiq_pending),
         Setup("huey, 1 worker thread", "huey", huey, _huey_pending),
         Setup("celery prefork, concurrency 1", "celery", celery, _celery_pending),
-        Setup("worker.py --processes 1", "project", [sys.executable, "worker.py", "--processes", "1"], _rq_pending),
-        Setup("worker.py, default set-up", "project", [sys.executable, "worker.py"], _rq_pending),
-        Setup(THREADED, "project", [sys.executable, "worker.py"], _rq_pending, THREADS_8),
-        Setup(UNCAPPED, "project", [sys.executable, "worker.py"], _rq_pending, uncapped),
-        *(Setup(name, "project", [sys.executable, "worker.py"], _rq_pending, env) for name, env in SHAPES.items()),
+        Setup("worker.py --processes 1", "project", [sys.executable, "worker.py", "--processes", "1"], rq_pending),
+        Setup("worker.py, default set-up", "project", [sys.executable, "worker.py"], rq_pending),
+        Setup(THREADED, "project", [sys.executable, "worker.py"], rq_pending, THREADS_8),
+        Setup(UNCAPPED, "project", [sys.executable, "worker.py"], rq_pending, uncapped),
+        *(Setup(name, "project", [sys.executable, "worker.py"], rq_pending, env) for name, env in SHAPES.items()),
     ]
     return {setup.name: setup for setup in found}
 
@@ -244,13 +244,13 @@ def drain(stack: Stack, python: Path, setup: Setup, task: str, count: int, cap: 
         enqueue(stack, python, setup, task, count)
         process = stack.spawn(setup.name, setup.command)
         try:
-            return _measure(connection, setup, process.pid, count, cap)
+            return measure_drained(connection, setup, process.pid, count, cap)
         finally:
             stop_process(process)
             stack.flush()
 
 
-def _measure(connection: Redis, setup: Setup, pid: int, count: int, cap: float) -> Drained:
+def measure_drained(connection: Redis, setup: Setup, pid: int, count: int, cap: float) -> Drained:
     deadline = time.perf_counter() + cap + 30  # start-up counts against nothing but this bound
     while (pending := setup.pending(connection, count)) >= count and time.perf_counter() < deadline:
         time.sleep(POLL_SECONDS)

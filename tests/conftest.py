@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -90,11 +91,13 @@ class _BuiltOnFirstUse:
     def __init__(self, stack: contextlib.ExitStack) -> None:
         self._stack = stack
         self._client: TestClient | None = None
+        self._building = threading.Lock()  # a test's threads may make its first requests at once
 
     def __getattr__(self, name: str) -> Any:
-        if self._client is None:
-            app = __import__("app").create_app(Settings())
-            self._client = self._stack.enter_context(TestClient(app, raise_server_exceptions=False))
+        with self._building:
+            if self._client is None:
+                app = __import__("app").create_app(Settings())
+                self._client = self._stack.enter_context(TestClient(app, raise_server_exceptions=False))
         return getattr(self._client, name)
 
 
