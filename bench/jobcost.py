@@ -88,7 +88,11 @@ def snapshot(connection: Redis) -> tuple[Counter[str], float]:
     return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
 
-ENQUEUE = "from herald.jobs import enqueue\nfor _ in range({count}): enqueue.enqueue_task('noop', {{}})"
+ENQUEUE = (
+    "from herald.jobs import enqueue\nfrom settings import get_settings\nsettings = get_settings()\n"
+    "for _ in range({count}): enqueue.enqueue_task(settings, 'noop', {{}})"
+)
+"""The API's way in, in a process of its own (`python -c`): the settings read at its entry point."""
 
 
 def enqueue(count: int) -> None:
