@@ -9,12 +9,18 @@ matches RQ. `scripts/check_private_names.py` (run by `test.sh`) keeps private na
 What the seam changes in RQ's behaviour, module by module:
 - `recovery`: queues claim a job atomically as it is popped (`ClaimingQueue`), so a job whose worker is
   killed is found and retried within seconds (job heartbeats with a grace), instead of after RQ's
-  maintenance pass; workers keep leaner bookkeeping; idle workers wake on keyspace events.
-- `threaded`: a `SimpleWorker` that runs WORKER_THREADS jobs at once.
+  maintenance pass; workers keep leaner bookkeeping (a successful job's end, the check that the job is still
+  this worker's, and the release of its destination slot with RQ's own release script, are one script; a
+  job's metrics ride with it); idle workers wake on keyspace events.
+- `threaded`: a `SimpleWorker` that runs WORKER_THREADS jobs at once, in threads made once; their timeouts
+  kept by one watchdog thread per process (`WatchdogDeathPenalty`: RQ's `TimerDeathPenalty` starts a timer
+  thread per job and per callback).
 - `pool`: RQ's `WorkerPool` runs our workers, and in burst mode also replaces recycled or crashed processes.
 - `schedulers`: rq-scheduler compares due times to the fraction of a second (never early); RQ's cron
   scheduler claims each run in Redis, so several scheduler processes enqueue it once.
-- `limits`: RQ's rate-limited enqueue written into the caller's transaction (RQ refuses it in a pipeline).
+- `limits`: RQ's rate-limited enqueue written into the caller's transaction (RQ refuses it in a pipeline);
+  a slot released with the job's own concurrency (RQ reads the key's from Redis); the sweep runs RQ's
+  rate-limit cleanup.
 - `enqueue`, `replay`: RQ's enqueue steps for batches, and the asyncio replay of RQ's pipeline writes.
 - `legacy_paths`: dotted paths named by jobs already in Redis stay importable.
 """
