@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+import warnings
 from typing import Any
 
 import pytest
@@ -13,8 +15,10 @@ from redis import Redis
 from rq import Queue
 from rq.job import JobStatus
 from rq.registry import FinishedJobRegistry
+from rq.timeouts import JobTimeoutException
 
 from herald.rq_seam.recovery import CLAIMS_KEY
+from herald.rq_seam.threaded import WatchdogDeathPenalty
 from tests import fixtures
 from tests.conftest import StartProcess
 from tests.helpers import wait_until
@@ -101,3 +105,25 @@ def test_a_canceled_timeout_never_hits_the_next_job_of_its_thread(
     long = [queue.enqueue(fixtures.sleep, 4, job_timeout=20) for _ in range(threads)]  # past the short ones' 3 s
     wait_until(lambda: all(job.get_status() in ENDED for job in long), timeout=60, what="long jobs")
     assert [job.get_status() for job in long] == [JobStatus.FINISHED] * threads
+
+
+def test_a_forked_child_gets_a_watchdog_of_its_own() -> None:
+    """The parent's timeouts thread and deadlines stay with the parent: a child forked while one runs
+    starts its own, and its jobs still time out."""
+    parent_penalty = WatchdogDeathPenalty(30, JobTimeoutException)
+    parent_penalty.setup_death_penalty()
+    try:
+        with warnings.catch_warnings():  # Python 3.12+ warns of fork() in a process with threads: meant here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: a job past its 0.2 s timeout is stopped in its own process
+            code = 1
+            try:
+                with WatchdogDeathPenalty(0.2, JobTimeoutException):
+                    time.sleep(5)
+            except JobTimeoutException:
+                code = 0
+            os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        parent_penalty.cancel_death_penalty()

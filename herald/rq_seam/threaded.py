@@ -59,6 +59,11 @@ class Watchdog:
     """
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """No deadlines and no thread: as made, and in a forked child, which has none of its parent's
+        threads (and may have been forked while one of them held the lock)."""
         self._due: list[tuple[float, int, TimerDeathPenalty]] = []
         self._canceled: set[int] = set()
         self._changed = threading.Condition()
@@ -101,6 +106,8 @@ class Watchdog:
 
 
 WATCHDOG = Watchdog()
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=WATCHDOG.reset)
 
 
 class WatchdogDeathPenalty(TimerDeathPenalty):
