@@ -132,7 +132,7 @@ FINISH_AND_RELEASE_SHA = hashlib.sha1(FINISH_AND_RELEASE_SCRIPT.encode()).hexdig
 
 
 class TakenOver(Exception):
-    """The job's end is not this run's to write: another worker took the job over (`_still_ours`)."""
+    """The job's end is not this run's to write: another worker took the job over (`finish_owner`)."""
 
 
 RECOVER_SCRIPT = """
@@ -666,7 +666,7 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
         """Whether the job is still this worker's: one cut off from Redis longer than the heartbeat
         grace finds, once back, its job recovered and run by another worker, whose outcome stands.
         Then only this run's own execution record is removed. (After a job that returned, the finish
-        script checks it, `owner_to_check`.)"""
+        script checks it, `finish_owner`.)"""
         if job.connection.hget(job.key, "worker_name") == self.name.encode():
             return True
         self._drop_run(job, execution)
@@ -693,11 +693,6 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
             return f"{self.jobs_run} jobs run"
         rss = resident_mib() if self.max_memory_mib else None
         if self.max_memory_mib and rss is not None and rss > self.max_memory_mib:
-            return f"{rss:.0f} MiB resident, over {self.max_memory_mib:g}"
-        return None
-        self._memory_read_at = time.monotonic()
-        rss = resident_mib()
-        if rss is not None and rss > self.max_memory_mib:
             return f"{rss:.0f} MiB resident, over {self.max_memory_mib:g}"
         return None
 
