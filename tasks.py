@@ -26,7 +26,7 @@ from herald.infra.statuses import DeliveryStatus
 from herald.jobs import sent_once
 from herald.notify import digests, notifications, preferences
 from herald.notify.channels import CHANNELS, Message, email, in_app
-from herald.schemas import AwaitArgs, EmailArgs, NoArgs
+from herald.schemas import AwaitArgs, EmailArgs, NoArgs, Preferences
 from settings import Settings, get_settings
 
 log = logging.getLogger("tasks")
@@ -53,7 +53,8 @@ def deliver_notification(delivery_id: str) -> dict[str, str]:
     job = get_current_job()
     assert job is not None, "runs as an RQ job"
     connection = job.connection
-    delivery = notifications.load_delivery(connection, delivery_id)
+    read = notifications.load_for_send(connection, delivery_id, sent_once.sent_key(job))
+    delivery = read.delivery
     if delivery is None:
         raise PermanentError(f"delivery {delivery_id} has no record (expired or deleted)")
     if delivery["status"] == DeliveryStatus.CANCELED:
@@ -62,11 +63,11 @@ def deliver_notification(delivery_id: str) -> dict[str, str]:
         notifications.update(connection, delivery_id, status=DeliveryStatus.EXPIRED)
         _report(connection, DeliveryStatus.EXPIRED, _log_fields(delivery, delivery["attempts"]))
         return _result(DeliveryStatus.EXPIRED)
-    if reason := _skip_reason(connection, delivery):
+    if reason := _skip_reason(delivery, preferences.from_stored(read.preferences)):
         notifications.update(connection, delivery_id, status=DeliveryStatus.SKIPPED, skip_reason=reason)
         _report(connection, DeliveryStatus.SKIPPED, _log_fields(delivery, delivery["attempts"]))
         return _result(DeliveryStatus.SKIPPED)
-    return _attempt(get_settings(), job, delivery)
+    return _attempt(get_settings(), job, delivery, read.sent)
 
 
 def deliver_digest(delivery_id: str) -> dict[str, str]:
@@ -88,7 +89,7 @@ def deliver_digest(delivery_id: str) -> dict[str, str]:
         raise error from exc
     if isinstance(prepared, str):
         return _settle_empty(job.connection, delivery, prepared)
-    return _attempt(get_settings(), job, prepared)
+    return _attempt(get_settings(), job, prepared, sent_once.sent_marker(job) is not None)
 
 
 def _settle_empty(connection: Redis, delivery: dict[str, Any], status: str) -> dict[str, str]:
@@ -99,12 +100,14 @@ def _settle_empty(connection: Redis, delivery: dict[str, Any], status: str) -> d
     return _result(status)
 
 
-def _attempt(settings: Settings, job: Job, delivery: dict[str, Any]) -> dict[str, str]:
-    """One attempt at a delivery, its outcome recorded; a failure re-raised for RQ to retry or fail."""
+def _attempt(settings: Settings, job: Job, delivery: dict[str, Any], sent_before: bool) -> dict[str, str]:
+    """One attempt at a delivery, its outcome recorded; a failure re-raised for RQ to retry or fail.
+    `sent_before`: an earlier run of this job sent it and its worker died before recording it
+    (`sent_once`): nothing is sent again."""
     connection, delivery_id = job.connection, delivery["delivery_id"]
     fields = _log_fields(delivery, notifications.start_attempt(connection, delivery_id))
     try:
-        sent_now = _deliver_once(settings, job, delivery)
+        sent_now = not sent_before and _deliver(settings, delivery)
     except Exception as exc:
         retrying = _record_failure(job, delivery_id, exc)
         _report(connection, DeliveryStatus.RETRYING if retrying else DeliveryStatus.FAILED, fields, exc)
@@ -124,19 +127,16 @@ def _result(status: str) -> dict[str, str]:
     return {"status": str(status)}
 
 
-def _skip_reason(connection: Redis, delivery: dict[str, Any]) -> str | None:
-    """The user's preferences read again at send time: an opt-out made after the notification was
+def _skip_reason(delivery: dict[str, Any], wanted: Preferences) -> str | None:
+    """The user's preferences, read again at send time: an opt-out made after the notification was
     accepted (while it waited for its time, or between retries) is obeyed."""
     message = delivery["message"]
     topic, required = message.get("topic", "general"), message.get("required", False)
-    return preferences.check(connection, message["user_id"], topic, delivery["channel"], required)
+    return None if required else preferences.skip_reason(wanted, topic, delivery["channel"])
 
 
-def _deliver_once(settings: Settings, job: Job, delivery: dict[str, Any]) -> bool:
-    """Deliver, unless an earlier run of this job did and its worker died before recording it; whether
-    it delivered now (the caller marks it sent, `sent_once.mark_sent`)."""
-    if sent_once.sent_marker(job) is not None:
-        return False
+def _deliver(settings: Settings, delivery: dict[str, Any]) -> bool:
+    """Send the delivery's message over its channel; True (sent now)."""
     CHANNELS[delivery["channel"]](settings, Message(**delivery["message"]))
     return True
 

@@ -15,6 +15,7 @@ from redis import Redis
 from rq.job import Job
 
 from herald.api import idempotency
+from herald.infra import keys
 from herald.mailsink import MailSink
 from settings import DEFAULT_WEBHOOK_SECRET
 from tests.conftest import StartProcess
@@ -142,6 +143,22 @@ def test_expired_delivery_is_never_sent(client: TestClient, smtp: MailSink, proc
     processes("worker.py", "--burst").wait(timeout=30)
     assert _delivery(client, answer["notification_id"], "email")["status"] == "expired"
     assert smtp.messages == []
+
+
+def test_a_delivery_its_job_already_sent_is_recorded_delivered_and_not_sent_again(
+    client: TestClient, smtp: MailSink, webhooks: Receiver, redis: Redis, processes: StartProcess
+) -> None:
+    """A re-run of a delivery job whose first run sent and died before recording it (the `sent:`
+    marker is there) sends nothing and records the delivery as delivered."""
+    answer = _notify(client, channels=["email", "webhook"], email="ann@example.com", webhook_url=f"{webhooks.url}/h")
+    email, webhook = (_delivery(client, answer["notification_id"], channel) for channel in ("email", "webhook"))
+    redis.set(keys.sent(email["delivery_id"]), "delivered")
+    redis.set(keys.sent(webhook["delivery_id"]), "delivered")
+    processes("worker.py", "--burst").wait(timeout=30)
+    for channel in ("email", "webhook"):
+        delivery = _delivery(client, answer["notification_id"], channel)
+        assert (delivery["status"], delivery["attempts"]) == ("delivered", 1), channel
+    assert smtp.messages == [] and webhooks.requests == []
 
 
 def test_a_canceled_notification_is_never_sent_and_a_delayed_one_is_sent_when_due(

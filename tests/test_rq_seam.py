@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+import rq.utils
 
 from herald import rq_seam
+from herald.jobs import store  # noqa: F401  # installs `dates.utcparse`
 from tests.helpers import ROOT
 
 
@@ -66,3 +70,38 @@ def test_the_private_name_check_finds_each_kind_of_use(tmp_path: Path) -> None:
     assert done.returncode == 1
     for finding in ("_private", "Mine", "_status", "__rq_redis_server_version", "command_stack"):
         assert finding in done.stdout, finding
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-12-02T05:03:51.123456Z",  # what RQ writes
+        "2026-12-02T05:03:51Z",  # older jobs
+        "2026-12-02T05:03:51.1234Z",
+        "2026-12-02 05:03:51Z",
+        "2026-13-02T05:03:51Z",
+        "2026-12-02T05:03:51.123456+02:00",
+        "20261202T050351.1234567Z",
+        "2026-12-02",
+        "",
+    ],
+)
+def test_rqs_timestamps_read_as_rq_reads_them(text: str) -> None:
+    """`dates.utcparse` replaces RQ's: the same datetime, or the same refusal, for every string."""
+    from herald.rq_seam import dates
+
+    def parsed(parse: Callable[[str], datetime]) -> datetime | str:
+        try:
+            return parse(text)
+        except ValueError:
+            return "refused"
+
+    assert parsed(dates.utcparse) == parsed(dates.RQ_UTCPARSE)
+    assert rq.utils.utcparse is dates.utcparse, "installed by the worker classes' and the job store's modules"
+
+
+def test_rqs_own_timestamps_round_trip() -> None:
+    from herald.rq_seam import dates
+
+    moment = rq.utils.now()
+    assert dates.utcparse(rq.utils.utcformat(moment)) == moment

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import mmap
+import os
 import random
 import time
 from collections.abc import Callable
@@ -19,6 +21,7 @@ from herald import mailsink
 from herald.exceptions import UnknownTaskError
 from herald.jobs import enqueue, queues, retries, store, views
 from herald.notify import notifications
+from herald.rq_seam import recovery
 from herald.schemas import EmailArgs
 from settings import Settings, get_settings
 from tests import fixtures
@@ -165,3 +168,24 @@ def test_a_delivery_update_sets_fields_of_a_record_and_never_recreates_a_gone_on
     assert record is not None and record["status"] == "delivered" and record["attempts"] == 1
     assert record["next_retry_at"] is None and record["updated_at"]
     assert not fake_redis.exists(notifications.delivery_key("gone"))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")
+def test_a_forked_child_reads_its_own_resident_memory() -> None:
+    """The memory check keeps /proc/<pid>/statm open; a forked child (a pool process) must not read its
+    parent's through the descriptor it inherited."""
+    parent_mib = recovery.resident_mib()
+    assert parent_mib is not None
+    reading, writing = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        grown = bytearray(200 * 2**20)  # zero pages are not resident until written
+        grown[:: mmap.PAGESIZE] = b"x" * len(grown[:: mmap.PAGESIZE])
+        os.write(writing, str(recovery.resident_mib()).encode())
+        os._exit(0)
+    os.close(writing)
+    with os.fdopen(reading) as answer:
+        child_mib = float(answer.read())
+    os.waitpid(child, 0)
+    assert child_mib > parent_mib + 150
+    assert (recovery.resident_mib() or 0) < parent_mib + 50

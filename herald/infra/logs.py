@@ -48,6 +48,9 @@ def known_fields(record: logging.LogRecord) -> dict[str, Any]:
 
 
 class JsonFormatter(logging.Formatter):
+    _encoder = json.JSONEncoder(default=str, ensure_ascii=False)
+    """Made once: `json.dumps` with options makes an encoder for every line."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
@@ -62,7 +65,7 @@ class JsonFormatter(logging.Formatter):
             entry["exc_info"] = record.exc_text
         if record.stack_info:
             entry["stack_info"] = record.stack_info
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return self._encoder.encode(entry)
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -211,6 +214,8 @@ def setup_logging(
 ) -> logging.Handler:
     """Send every log record of the process, at `level` or above, to stderr in `log_format`, with
     `secrets` (`secret_values` of the settings) replaced by `[REDACTED]`."""
+    logging.logMultiprocessing = logging.logThreads = False  # fields no format of ours writes
+    logging._srcfile = None  # no caller's file and line looked up for each record: no format writes them
     handler = StderrHandler()
     handler.setLevel(level)
     handler.setFormatter(FORMATTERS[log_format]())

@@ -17,7 +17,7 @@ def sent_marker(job: Job | None) -> str | None:
     """What an earlier run of `job` recorded after sending (a Message-ID), or None: not sent yet."""
     if job is None:
         return None
-    value = job.connection.get(_sent_key(job))
+    value = job.connection.get(sent_key(job))
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -28,9 +28,9 @@ def mark_sent(settings: Settings, job: Job | None, value: str, pipeline: Pipelin
     One duplicate stays possible: a worker killed after the server accepted and before this write.
     """
     if job is not None:
-        (pipeline or job.connection).set(_sent_key(job), value, ex=settings.result_ttl_seconds or 86_400)
+        (pipeline or job.connection).set(sent_key(job), value, ex=settings.result_ttl_seconds or 86_400)
     return value
 
 
-def _sent_key(job: Job) -> str:
+def sent_key(job: Job) -> str:
     return keys.sent(job.id)

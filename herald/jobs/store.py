@@ -18,7 +18,10 @@ from rq.job import Job
 
 from herald.exceptions import JobNotFoundError
 from herald.infra import connections, keys
+from herald.rq_seam import dates
 from settings import QUEUE_NAMES, Settings
+
+dates.install()  # RQ's job timestamps read without `strptime` (herald/rq_seam/dates.py)
 
 DELAYED_JOBS_KEY = keys.DELAYED_JOBS
 """rq-scheduler's sorted set of delayed jobs, scored by due time (Unix seconds, kept with fractions)."""

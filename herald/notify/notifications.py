@@ -7,7 +7,7 @@ id is also the id of the RQ job that makes it. Records expire `RECORD_TTL_SECOND
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 from uuid import uuid4
@@ -83,6 +83,43 @@ def new_delivery(
 
 def load_delivery(connection: Redis, delivery_id: str) -> dict[str, Any] | None:
     return decode(connection.hgetall(delivery_key(delivery_id)))
+
+
+READ_FOR_SEND_SCRIPT = """
+local delivery = redis.call('HGETALL', KEYS[1])
+if #delivery == 0 then return {delivery, false, {}} end
+local preferences = {}
+for i = 1, #delivery, 2 do
+  if delivery[i] == 'message' then
+    local user = cjson.decode(delivery[i + 1]).user_id
+    if type(user) == 'string' then preferences = redis.call('HGETALL', ARGV[1] .. user) end
+  end
+end
+return {delivery, redis.call('GET', KEYS[2]), preferences}
+"""
+"""A delivery's hash (KEYS[1]), its job's sent marker (KEYS[2]) and the stored preferences of its
+message's user (ARGV[1] + user id: a key named by the record, so not declared in KEYS; the service runs
+no Redis Cluster)."""
+
+
+@dataclass(frozen=True)
+class ForSend:
+    """What a worker reads of a delivery before it sends, in one round trip (`load_for_send`)."""
+
+    delivery: dict[str, Any] | None
+    """The record; None if it expired or was deleted."""
+    sent: bool
+    """An earlier run of its job sent it (`sent_once`)."""
+    preferences: dict[str, Any]
+    """The stored preferences of its user, decoded (`preferences.from_stored` makes them whole)."""
+
+
+def load_for_send(connection: Redis, delivery_id: str, sent_key: str) -> ForSend:
+    raw, sent, stored = connection.register_script(READ_FOR_SEND_SCRIPT)(
+        keys=[delivery_key(delivery_id), sent_key], args=[keys.preferences("")]
+    )
+    fields = dict(zip(raw[::2], raw[1::2], strict=True))
+    return ForSend(decode(fields), sent is not None, decode(dict(zip(stored[::2], stored[1::2], strict=True))) or {})
 
 
 def load_notification(connection: Redis, notification_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:

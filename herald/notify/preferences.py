@@ -7,15 +7,15 @@ link setting a topic's email off) is one HSET, never a read-modify-write racing 
 - `topic:<topic>:<channel>`    `true` / `false`
 - `quiet_hours`                `{"start": "22:00", "end": "07:00", "timezone": "Europe/Berlin"}`
 
-`skip_reason` (pure) and `check` (reads Redis first) are what senders call: the API when a
-notification comes in, the worker again just before it sends.
+`skip_reason` is what senders call: the API when a notification comes in, the worker again just
+before it sends (with the preferences it read with the delivery, `notifications.load_for_send`).
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import cast, get_args
+from typing import Any, cast, get_args
 from zoneinfo import ZoneInfo
 
 from redis import Redis
@@ -45,11 +45,6 @@ def skip_reason(preferences: Preferences, topic: str, channel: ChannelName, requ
     return None if wanted else OPTED_OUT
 
 
-def check(connection: Redis, user_id: str, topic: str, channel: ChannelName, required: bool = False) -> str | None:
-    """`skip_reason` with the user's stored preferences."""
-    return None if required else skip_reason(load(connection, user_id), topic, channel)
-
-
 def quiet_until(preferences: Preferences, moment: datetime) -> datetime | None:
     """The end of the user's quiet window (UTC) when `moment` falls inside it, else None."""
     window = preferences.quiet_hours
@@ -62,7 +57,11 @@ def quiet_until(preferences: Preferences, moment: datetime) -> datetime | None:
 def load(connection: Redis, user_id: str) -> Preferences:
     """The stored preferences, every channel listed (on unless turned off); defaults for a new user."""
     stored: dict[bytes, bytes] = connection.hgetall(key(user_id))  # type: ignore[assignment]
-    raw = {name.decode(): json.loads(value) for name, value in stored.items()}
+    return from_stored({name.decode(): json.loads(value) for name, value in stored.items()})
+
+
+def from_stored(raw: dict[str, Any]) -> Preferences:
+    """The preferences from their hash's fields, decoded; defaults for what is not there."""
     channels: dict[ChannelName, bool] = {channel: bool(raw.get(f"channel:{channel}", True)) for channel in CHANNELS}
     topics: dict[str, dict[ChannelName, bool]] = {}
     for name, value in raw.items():

@@ -23,6 +23,8 @@ What the seam changes in RQ's behaviour, module by module:
   rate-limit cleanup.
 - `enqueue`, `replay`: RQ's enqueue steps for batches, and the asyncio replay of RQ's pipeline writes.
 - `legacy_paths`: dotted paths named by jobs already in Redis stay importable.
+- `dates`: `rq.utils.utcparse` (how RQ reads every timestamp of its hashes) parses RQ's own format with
+  `datetime.fromisoformat` instead of `strptime`; any other string still goes to RQ's.
 """
 
 from __future__ import annotations

@@ -56,8 +56,10 @@ from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
 from herald.infra import keys, metrics
-from herald.rq_seam import limits
+from herald.rq_seam import dates, limits
 from settings import QUEUE_NAMES
+
+dates.install()  # RQ's job timestamps read without `strptime`
 
 log = logging.getLogger("recovery")
 
@@ -241,14 +243,17 @@ class ClaimingQueue(Queue):
         death_penalty_class: type[BaseDeathPenalty] | None = None,
     ) -> tuple[Job, Queue] | None:
         """The next job, claimed; with a `timeout`, wait until one comes or raise `DequeueTimeout`."""
-        keys = [queue.key for queue in queues]
+        by_key = {queue.key: queue for queue in queues}
+        keys = list(by_key)
         deadline = None if timeout is None else time.monotonic() + timeout
         wakeups = None
         try:
             while True:
                 claimed = run_script(connection, CLAIM_SCRIPT, CLAIM_SHA, [CLAIMS_KEY, *keys], [JOB_KEY_PREFIX])
                 if claimed:
-                    fetched = cls._fetch_claimed(connection, claimed, job_class, serializer, death_penalty_class)
+                    fetched = cls._fetch_claimed(
+                        connection, claimed, by_key, job_class, serializer, death_penalty_class
+                    )
                     if fetched is not None:
                         return fetched
                 elif deadline is None:
@@ -272,15 +277,17 @@ class ClaimingQueue(Queue):
         cls,
         connection: Redis,
         claimed: list[Any],
+        by_key: dict[str, Queue],
         job_class: type[Job] | None,
         serializer: Serializer | str | None,
         death_penalty_class: type[BaseDeathPenalty] | None,
     ) -> tuple[Job, Queue] | None:
         """The claimed job, made from the hash the claim returned, and its queue; None if the job was
-        deleted while queued. RQ's `_fetch_dequeued_job`, without its HGETALL."""
+        deleted while queued. RQ's `_fetch_dequeued_job`, without its HGETALL, and with the queue
+        the caller gave (`by_key`) rather than one made anew for each job."""
         queue_key, job_id, fields = claimed[0].decode(), claimed[1].decode(), claimed[2]
         job_cls: type[Job] = backend_class(cls, "job_class", override=job_class)
-        queue = cls.from_queue_key(
+        queue = by_key.get(queue_key) or cls.from_queue_key(
             queue_key,
             connection=connection,
             job_class=job_cls,
@@ -758,12 +765,18 @@ class JobHeartbeats:
             log.warning("job %s: heartbeat not sent (%s)", job.id, type(exc).__name__)
 
 
+_statm: tuple[int, int] | None = None
+"""(pid, descriptor) of this process's open /proc/<pid>/statm: a job's end reads it with one `pread`."""
+
+
 def resident_mib() -> float | None:
     """This process's resident memory (Linux), or None where /proc is missing."""
+    global _statm
     try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
+        if _statm is None or _statm[0] != os.getpid():  # a forked child opens its own
+            _statm = (os.getpid(), os.open(f"/proc/{os.getpid()}/statm", os.O_RDONLY))
+        return int(os.pread(_statm[1], 128, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, AttributeError):  # no /proc; no `pread` (Windows)
         return None
 
 
