@@ -72,3 +72,11 @@ def send_email_then_sleep(seconds: float, to: str, subject: str, body: str) -> d
     job.connection.incr(f"returned:{job.id}")
     time.sleep(seconds)
     return result
+
+
+def delete_own_job() -> str:
+    """Delete this job's hash while it runs (as `rq` commands or a person may) and return."""
+    job = get_current_job()
+    assert job is not None
+    job.connection.delete(job.key)
+    return "deleted"

@@ -42,6 +42,7 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline, PubSub
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.typing import EncodableT
 from rq import Queue, SimpleWorker, Worker, worker_registration
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
@@ -95,9 +96,10 @@ CLAIM_SHA = hashlib.sha1(CLAIM_SCRIPT.encode()).hexdigest()
 
 def _finish_script(first_key: int, first_arg: int, then: str) -> str:
     """The end of a successful job, its keys from KEYS[first_key] and its words from ARGV[first_arg]:
-    -1 if the job's `worker_name` is another than the owner given (unless none is given; a job deleted
-    while it ran is written again, as RQ's `handle_job_success` does), 0 if it has
-    dependents (nothing written), else its commands are run (each as its word count, then its words;
+    -1 if the job's `worker_name` is another than the owner given (unless none is given), 0 if it has
+    dependents (nothing written), -2 if the commands write only the job's changed fields (`whole` 0)
+    and its hash is gone (deleted while it ran: the caller writes it whole again, as RQ's
+    `handle_job_success` does), else its commands are run (each as its word count, then its words;
     the first `soft` of them, metrics, with their errors ignored) and `then` follows."""
     k, a = first_key, first_arg
     return f"""
@@ -109,8 +111,11 @@ end
 if redis.call('SCARD', KEYS[{k}]) > 0 then
   return 0
 end
-local soft = tonumber(ARGV[{a + 1}])
-local i, n = {a + 2}, 0
+if ARGV[{a + 1}] == '0' and redis.call('EXISTS', KEYS[{k + 1}]) == 0 then
+  return -2
+end
+local soft = tonumber(ARGV[{a + 2}])
+local i, n = {a + 3}, 0
 while i <= #ARGV do
   local count = tonumber(ARGV[i])
   if n < soft then
@@ -124,7 +129,8 @@ end
 
 
 FINISH_SCRIPT = _finish_script(1, 1, "return 1")
-"""KEYS: the job's dependents set, the job's hash; ARGV: the owner, the soft count, the commands."""
+"""KEYS: the job's dependents set, the job's hash; ARGV: the owner, whole (1) or changed fields (0), the
+soft count, the commands."""
 FINISH_SHA = hashlib.sha1(FINISH_SCRIPT.encode()).hexdigest()
 FINISH_AND_RELEASE_SCRIPT = _finish_script(3, 7, RELEASE_AND_ENQUEUE_SCRIPT)
 """The same for a job holding a destination slot, then RQ's own release of that slot (which promotes
@@ -524,11 +530,9 @@ class _LeanBookkeeping(BaseWorker):
             return
         soft = _soft_writes.get()
         soft_commands = list(soft.command_stack) if soft is not None else []
-        with self.connection.pipeline() as recorder:  # never executed: the script replays its commands
-            self._record_success(job, result_ttl, execution, recorder)
-            commands = soft_commands + recorder.command_stack
-        words = [len(soft_commands), *(word for args, _ in commands for word in (len(args), *args))]
-        outcome = self._run_finish(job, words)
+        outcome = self._run_finish(job, self._end_words(job, result_ttl, execution, soft_commands, whole=False))
+        if outcome == -2:  # its hash was deleted while it ran: written whole again, as RQ's own does
+            outcome = self._run_finish(job, self._end_words(job, result_ttl, execution, soft_commands, whole=True))
         if outcome == -1:
             raise TakenOver()
         if outcome == 0:  # it has dependents
@@ -542,6 +546,15 @@ class _LeanBookkeeping(BaseWorker):
             self.log.info("Successfully completed %s job in %ss on worker %s", job.description, taken, self.name)
         else:
             self.log.info("Successfully completed job %s in %ss on worker %s", job.id, taken, self.name)
+
+    def _end_words(
+        self, job: Job, result_ttl: int, execution: Execution, soft_commands: list[Any], whole: bool
+    ) -> list[Any]:
+        """The finish script's words after the owner: `whole`, then the soft count and each command."""
+        with self.connection.pipeline() as recorder:  # never executed: the script replays its commands
+            self._record_success(job, result_ttl, execution, recorder, whole)
+            commands = soft_commands + recorder.command_stack
+        return [int(whole), len(soft_commands), *(word for args, _ in commands for word in (len(args), *args))]
 
     def _run_finish(self, job: Job, words: list[Any]) -> Any:
         """The finish script (`_finish_script`), with the release of the job's slot if it holds one."""
@@ -558,12 +571,18 @@ class _LeanBookkeeping(BaseWorker):
         empty: not checked (the forking worker's work-horse, as RQ's)."""
         return ""
 
-    def _record_success(self, job: Job, result_ttl: int, execution: Execution, pipeline: Pipeline) -> None:
-        """RQ's `handle_job_success` writes, without those `handle_job_success` tells."""
+    def _record_success(
+        self, job: Job, result_ttl: int, execution: Execution, pipeline: Pipeline, whole: bool = True
+    ) -> None:
+        """RQ's `handle_job_success` writes, without those `handle_job_success` tells. Not `whole`: of the
+        job's hash only the fields its run changed (RQ saves every field again, its data compressed anew)."""
         self.increment_successful_job_count(pipeline=pipeline)
         self.increment_total_working_time(job.ended_at - job.started_at, pipeline)  # type: ignore[operator]
         job._status = JobStatus.FINISHED
-        job.save(pipeline=pipeline, include_meta=False, include_result=False)
+        if whole:
+            job.save(pipeline=pipeline, include_meta=False, include_result=False)
+        else:
+            pipeline.hset(job.key, mapping=ran_fields(job))
         Result.create(
             job,
             Result.Type.SUCCESSFUL,
@@ -599,6 +618,19 @@ class _LeanBookkeeping(BaseWorker):
         if job.timeout and job.timeout > 0:
             interval = min(job.timeout - working_time, interval)
         return max(1, int(interval)) + self.heartbeat_grace
+
+
+def ran_fields(job: Job) -> dict[EncodableT, EncodableT]:
+    """The fields of a job's hash that its run changed, as `Job.to_dict` writes them: what RQ's
+    `prepare_for_execution` wrote at its start, its status, and its end."""
+    return {
+        "status": str(job.get_status(refresh=False).value),
+        "worker_name": job.worker_name or "",
+        **{name: utcformat(moment) if (moment := getattr(job, name)) else "" for name in RAN_DATES},
+    }
+
+
+RAN_DATES = ("started_at", "ended_at", "last_heartbeat")
 
 
 class RecoveringWorker(_LeanBookkeeping, Worker):
