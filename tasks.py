@@ -105,7 +105,7 @@ def _attempt(settings: Settings, job: Job, delivery: dict[str, Any], sent_before
     `sent_before`: an earlier run of this job sent it and its worker died before recording it
     (`sent_once`): nothing is sent again."""
     connection, delivery_id = job.connection, delivery["delivery_id"]
-    fields = _log_fields(delivery, notifications.start_attempt(connection, delivery_id))
+    fields = _log_fields(delivery, notifications.start_attempt(connection, delivery))
     try:
         sent_now = not sent_before and _deliver(settings, delivery)
     except Exception as exc:

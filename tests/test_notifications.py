@@ -343,3 +343,16 @@ def test_openapi_names_the_recipient_to(client: TestClient) -> None:
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     for name in ("NotificationRequest", "UserContact"):
         assert "to" in schemas[name]["properties"] and "email" not in schemas[name]["properties"], name
+
+
+def test_an_attempt_is_counted_on_the_record_and_a_gone_record_is_not_made_again(redis: Redis) -> None:
+    from herald.notify import notifications
+
+    record = {"delivery_id": "d1", "attempts": 2, "status": "retrying"}
+    redis.hset(keys.delivery("d1"), mapping=notifications.encode(record))
+    assert notifications.start_attempt(redis, record) == 3
+    loaded = notifications.load_delivery(redis, "d1")
+    assert loaded is not None and (loaded["attempts"], loaded["status"]) == (3, "sending")
+    gone = {"delivery_id": "d2", "attempts": 0}
+    assert notifications.start_attempt(redis, gone) == 1
+    assert not redis.exists(keys.delivery("d2"))

@@ -144,14 +144,25 @@ def update(connection: Redis | Pipeline, delivery_id: str, **fields: Any) -> Non
     connection.eval(UPDATE_EXISTING_SCRIPT, 1, delivery_key(delivery_id), *words)
 
 
-def start_attempt(connection: Redis, delivery_id: str) -> int:
-    with connection.pipeline() as pipeline:
-        pipeline.hincrby(delivery_key(delivery_id), "attempts", 1)
-        pipeline.hset(
-            delivery_key(delivery_id), mapping=encode({"status": DeliveryStatus.SENDING, "updated_at": now_iso()})
-        )
-        attempts, _ = pipeline.execute()
-    return int(attempts)
+START_ATTEMPT_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return attempts
+"""
+"""Count an attempt on the delivery KEYS[1] and HSET the field-value pairs in ARGV; the attempts now,
+or 0 if the record is gone (it is not made again)."""
+
+
+def start_attempt(connection: Redis, delivery: dict[str, Any]) -> int:
+    """Mark the delivery `sending` and count the attempt (one atomic script); the attempt's number."""
+    words = [
+        word for pair in encode({"status": DeliveryStatus.SENDING, "updated_at": now_iso()}).items() for word in pair
+    ]
+    attempts = connection.register_script(START_ATTEMPT_SCRIPT)(
+        keys=[delivery_key(delivery["delivery_id"])], args=words
+    )
+    return int(attempts) or int(delivery["attempts"]) + 1
 
 
 def save_contact(connection: Redis, user_id: str, contact: dict[str, str | None]) -> None:
