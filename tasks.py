@@ -63,7 +63,7 @@ def deliver_notification(delivery_id: str) -> dict[str, str]:
         notifications.update(connection, delivery_id, status=DeliveryStatus.EXPIRED)
         _report(connection, DeliveryStatus.EXPIRED, _log_fields(delivery, delivery["attempts"]))
         return _result(DeliveryStatus.EXPIRED)
-    if reason := _skip_reason(delivery, preferences.from_stored(read.preferences)):
+    if reason := _skip_reason(delivery, _preferences(connection, delivery, read.preferences)):
         notifications.update(connection, delivery_id, status=DeliveryStatus.SKIPPED, skip_reason=reason)
         _report(connection, DeliveryStatus.SKIPPED, _log_fields(delivery, delivery["attempts"]))
         return _result(DeliveryStatus.SKIPPED)
@@ -133,6 +133,13 @@ def _skip_reason(delivery: dict[str, Any], wanted: Preferences) -> str | None:
     message = delivery["message"]
     topic, required = message.get("topic", "general"), message.get("required", False)
     return None if required else preferences.skip_reason(wanted, topic, delivery["channel"])
+
+
+def _preferences(connection: Redis, delivery: dict[str, Any], stored: dict[str, Any] | None) -> Preferences:
+    """The preferences read with the delivery; read here when its script could not (`load_for_send`)."""
+    if stored is None:
+        return preferences.load(connection, delivery["message"]["user_id"])
+    return preferences.from_stored(stored)
 
 
 def _deliver(settings: Settings, delivery: dict[str, Any]) -> bool:

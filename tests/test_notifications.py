@@ -356,3 +356,20 @@ def test_an_attempt_is_counted_on_the_record_and_a_gone_record_is_not_made_again
     gone = {"delivery_id": "d2", "attempts": 0}
     assert notifications.start_attempt(redis, gone) == 1
     assert not redis.exists(keys.delivery("d2"))
+
+
+def test_a_message_lua_cannot_read_still_has_its_users_preferences_obeyed(redis: Redis) -> None:
+    """`load_for_send` reads a user's preferences inside Redis, decoding the message with Lua's cjson,
+    which refuses some of what Python's json takes (a lone surrogate's escape); then they are read in Python."""
+    import tasks
+    from herald.notify import notifications, preferences
+
+    message = {"user_id": "u7", "topic": "general", "required": False, "data": "\ud800"}
+    redis.hset(keys.delivery("d7"), mapping=notifications.encode({"delivery_id": "d7", "message": message}))
+    redis.hset(preferences.key("u7"), "channel:email", "false")
+    read = notifications.load_for_send(redis, "d7", keys.sent("d7"))
+
+    assert read.delivery is not None and read.preferences is None, "left to Python"
+    wanted = tasks._preferences(redis, read.delivery, read.preferences)
+    assert tasks._skip_reason({**read.delivery, "channel": "email"}, wanted) == preferences.OPTED_OUT
+    assert read.sent is False

@@ -88,18 +88,20 @@ def load_delivery(connection: Redis, delivery_id: str) -> dict[str, Any] | None:
 READ_FOR_SEND_SCRIPT = """
 local delivery = redis.call('HGETALL', KEYS[1])
 if #delivery == 0 then return {delivery, false, {}} end
-local preferences = {}
+local preferences = false
 for i = 1, #delivery, 2 do
   if delivery[i] == 'message' then
-    local user = cjson.decode(delivery[i + 1]).user_id
-    if type(user) == 'string' then preferences = redis.call('HGETALL', ARGV[1] .. user) end
+    local read, message = pcall(cjson.decode, delivery[i + 1])
+    if read and type(message.user_id) == 'string' then
+      preferences = redis.call('HGETALL', ARGV[1] .. message.user_id)
+    end
   end
 end
 return {delivery, redis.call('GET', KEYS[2]), preferences}
 """
 """A delivery's hash (KEYS[1]), its job's sent marker (KEYS[2]) and the stored preferences of its
 message's user (ARGV[1] + user id: a key named by the record, so not declared in KEYS; the service runs
-no Redis Cluster)."""
+no Redis Cluster); the preferences are nil where Lua's cjson could not read the message (left to Python)."""
 
 
 @dataclass(frozen=True)
@@ -110,16 +112,18 @@ class ForSend:
     """The record; None if it expired or was deleted."""
     sent: bool
     """An earlier run of its job sent it (`sent_once`)."""
-    preferences: dict[str, Any]
-    """The stored preferences of its user, decoded (`preferences.from_stored` makes them whole)."""
+    preferences: dict[str, Any] | None
+    """The stored preferences of its user, decoded (`preferences.from_stored` makes them whole); None:
+    not read (the script could not decode the message: the caller reads them itself)."""
 
 
 def load_for_send(connection: Redis, delivery_id: str, sent_key: str) -> ForSend:
     raw, sent, stored = connection.register_script(READ_FOR_SEND_SCRIPT)(
         keys=[delivery_key(delivery_id), sent_key], args=[keys.preferences("")]
     )
-    fields = dict(zip(raw[::2], raw[1::2], strict=True))
-    return ForSend(decode(fields), sent is not None, decode(dict(zip(stored[::2], stored[1::2], strict=True))) or {})
+    delivery = decode(dict(zip(raw[::2], raw[1::2], strict=True)))
+    wanted = None if stored is None else decode(dict(zip(stored[::2], stored[1::2], strict=True))) or {}
+    return ForSend(delivery, sent is not None, wanted)
 
 
 def load_notification(connection: Redis, notification_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
