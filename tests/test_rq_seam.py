@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import rq.utils
 from redis import Redis
-from rq import Queue, SimpleWorker
+from rq import Queue, SimpleWorker, Worker
 from rq.job import JobStatus
 
 from herald import rq_seam
 from herald.jobs import store  # noqa: F401  # installs `dates.utcparse`
-from herald.rq_seam.recovery import RecoveringSimpleWorker
+from herald.rq_seam.recovery import RecoveringSimpleWorker, RecoveringWorker
 from tests import fixtures
 from tests.helpers import ROOT
 
@@ -112,7 +112,7 @@ def test_rqs_own_timestamps_round_trip() -> None:
     assert dates.utcparse(rq.utils.utcformat(moment)) == moment
 
 
-def _ended_hash(redis: Redis, worker_class: type[SimpleWorker], func: Callable[..., object]) -> dict[bytes, bytes]:
+def _ended_hash(redis: Redis, worker_class: type[Worker], func: Callable[..., object]) -> dict[bytes, bytes]:
     job = Queue("default", connection=redis).enqueue(func, result_ttl=600)
     worker_class(["default"], connection=redis).work(burst=True)
     assert job.get_status(refresh=True) == JobStatus.FINISHED
@@ -125,9 +125,16 @@ RUN_SPECIFIC = {b"created_at", b"enqueued_at", b"started_at", b"ended_at", b"las
 
 
 @pytest.mark.parametrize("func", [fixtures.pid, fixtures.delete_own_job], ids=["kept", "deleted while it ran"])
-def test_a_finished_jobs_hash_is_as_rqs_own_worker_leaves_it(redis: Redis, func: Callable[..., object]) -> None:
+@pytest.mark.parametrize(
+    ("ours_class", "theirs_class"),
+    [(RecoveringSimpleWorker, SimpleWorker), (RecoveringWorker, Worker)],
+    ids=["in process", "forking"],
+)
+def test_a_finished_jobs_hash_is_as_rqs_own_worker_leaves_it(
+    redis: Redis, func: Callable[..., object], ours_class: type[Worker], theirs_class: type[Worker]
+) -> None:
     """Our end writes only the fields a run changed (the whole hash again when it was deleted while the job
     ran); the hash left is RQ's: the same fields, and the same values where they are not the run's own."""
-    theirs = _ended_hash(redis, SimpleWorker, func)
-    ours = _ended_hash(redis, RecoveringSimpleWorker, func)
+    theirs = _ended_hash(redis, theirs_class, func)
+    ours = _ended_hash(redis, ours_class, func)
     assert ours == theirs and b"description" in ours and ours[b"status"] == b"finished"

@@ -99,7 +99,8 @@ def _finish_script(first_key: int, first_arg: int, then: str) -> str:
     -1 if the job's `worker_name` is another than the owner given (unless none is given), 0 if it has
     dependents (nothing written), -2 if the commands write only the job's changed fields (`whole` 0)
     and its hash is gone (deleted while it ran: the caller writes it whole again, as RQ's
-    `handle_job_success` does), else its commands are run (each as its word count, then its words;
+    `handle_job_success` does; with an owner, the `worker_name` read for the check tells, as the job's
+    start wrote it), else its commands are run (each as its word count, then its words;
     the first `soft` of them, metrics, with their errors ignored) and `then` follows."""
     k, a = first_key, first_arg
     return f"""
@@ -111,7 +112,7 @@ end
 if redis.call('SCARD', KEYS[{k}]) > 0 then
   return 0
 end
-if ARGV[{a + 1}] == '0' and redis.call('EXISTS', KEYS[{k + 1}]) == 0 then
+if ARGV[{a + 1}] == '0' and not holder and (owner ~= '' or redis.call('EXISTS', KEYS[{k + 1}]) == 0) then
   return -2
 end
 local soft = tonumber(ARGV[{a + 2}])
