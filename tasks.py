@@ -107,13 +107,14 @@ def _attempt(settings: Settings, job: Job, delivery: dict[str, Any], sent_before
     connection, delivery_id = job.connection, delivery["delivery_id"]
     fields = _log_fields(delivery, notifications.start_attempt(connection, delivery))
     try:
-        sent_now = not sent_before and _deliver(settings, delivery)
+        if not sent_before:
+            CHANNELS[delivery["channel"]](settings, Message(**delivery["message"]))
     except Exception as exc:
         retrying = _record_failure(job, delivery_id, exc)
         _report(connection, DeliveryStatus.RETRYING if retrying else DeliveryStatus.FAILED, fields, exc)
         raise
     with connection.pipeline(transaction=False) as pipeline:  # one round trip for what follows a send
-        if sent_now:
+        if not sent_before:
             sent_once.mark_sent(settings, job, DeliveryStatus.DELIVERED, pipeline)
         delivered_at = notifications.now_iso()
         notifications.update(pipeline, delivery_id, status=DeliveryStatus.DELIVERED, delivered_at=delivered_at)
@@ -132,7 +133,7 @@ def _skip_reason(delivery: dict[str, Any], wanted: Preferences) -> str | None:
     accepted (while it waited for its time, or between retries) is obeyed."""
     message = delivery["message"]
     topic, required = message.get("topic", "general"), message.get("required", False)
-    return None if required else preferences.skip_reason(wanted, topic, delivery["channel"])
+    return preferences.skip_reason(wanted, topic, delivery["channel"], required)
 
 
 def _preferences(connection: Redis, delivery: dict[str, Any], stored: dict[str, Any] | None) -> Preferences:
@@ -140,12 +141,6 @@ def _preferences(connection: Redis, delivery: dict[str, Any], stored: dict[str, 
     if stored is None:
         return preferences.load(connection, delivery["message"]["user_id"])
     return preferences.from_stored(stored)
-
-
-def _deliver(settings: Settings, delivery: dict[str, Any]) -> bool:
-    """Send the delivery's message over its channel; True (sent now)."""
-    CHANNELS[delivery["channel"]](settings, Message(**delivery["message"]))
-    return True
 
 
 def _log_fields(delivery: dict[str, Any], attempt: int) -> dict[str, Any]:

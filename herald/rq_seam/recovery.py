@@ -807,6 +807,8 @@ def resident_mib() -> float | None:
     global _statm
     try:
         if _statm is None or _statm[0] != os.getpid():  # a forked child opens its own
+            if _statm is not None:
+                os.close(_statm[1])  # the parent's, inherited
             _statm = (os.getpid(), os.open(f"/proc/{os.getpid()}/statm", os.O_RDONLY))
         return int(os.pread(_statm[1], 128, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, AttributeError):  # no /proc; no `pread` (Windows)
