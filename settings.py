@@ -62,8 +62,9 @@ class Settings(BaseSettings):
     worker_count: int = Field(
         1,
         ge=1,
-        description="worker processes `worker.py` keeps running; one runs network-bound deliveries in its threads,"
-        " CPU-bound jobs want one per core (with WORKER_THREADS=1)",
+        description="worker processes `worker.py` keeps running (1: under a supervisor that holds none of its"
+        " memory; more: RQ's WorkerPool); one runs network-bound deliveries in its threads, CPU-bound jobs want"
+        " one per core (with WORKER_THREADS=1)",
     )
     worker_class: Literal["simple", "fork"] = Field(
         "simple", description="simple: jobs run in the worker process; fork: a fresh process per job (RQ's Worker)"

@@ -1,6 +1,9 @@
 """Worker entry point: `python worker.py [--burst] [--processes N]` serves the queues high, default, low.
 
-It runs RQ's `WorkerPool`: `WORKER_COUNT` worker processes, each started again when it dies. With
+It keeps `WORKER_COUNT` worker processes running, each started again when it dies: one under a supervisor
+that imports nothing of the service (`herald/infra/supervisor.py`; why: its docstring), more in RQ's
+`WorkerPool`. `--one-process` runs one worker in the process itself, for a process manager (systemd, a
+container's restart policy) to keep running; so does Windows, which cannot fork. With
 the default `WORKER_CLASS=simple` each is RQ's `SimpleWorker` (jobs run in the worker's own process:
 no fork per job: about 5x the jobs/s of the forking worker) and is replaced by a fresh process after
 `WORKER_MAX_JOBS` jobs or once it holds `WORKER_MAX_MEMORY_MIB`, so a leaking job cannot grow it
@@ -21,19 +24,24 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
 import sys
 import time
+from pathlib import Path
+from typing import NoReturn
 
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.worker import BaseWorker
+from rq.worker_pool import ForkProcess
 
 import tasks  # noqa: F401  # imported once here, before forking: each process would import it again
-from herald.infra import connections
-from herald.infra.logs import setup_logging_from
-from herald.rq_seam.pool import Ending, Pool, asked_to_stop
+from herald.infra import connections, supervisor
+from herald.infra.logs import log_format_for, setup_logging_from
+from herald.infra.supervisor import Ending
+from herald.rq_seam.pool import Pool, asked_to_stop
 from herald.rq_seam.recovery import RecoveringSimpleWorker, RecoveringWorker
 from herald.rq_seam.threaded import ThreadedWorker
 from settings import QUEUE_NAMES, Settings, settings_or_exit
@@ -70,8 +78,9 @@ def build_worker(settings: Settings, connection: Redis | None = None) -> BaseWor
 
 
 def _serve_in_pool(burst: bool) -> None:
-    for signum in (signal.SIGINT, signal.SIGTERM):  # the pool's own handlers, until the worker sets its
+    for signum in supervisor.STOP_SIGNALS:  # the pool's own handlers, until the worker sets its
         signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, supervisor.STOP_SIGNALS)  # blocked by `_supervise_one`
     sys.exit(int(serve(burst, settings_or_exit())))  # each pool process reads them again
 
 
@@ -79,17 +88,37 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--burst", action="store_true", help="quit once the queues are empty")
     parser.add_argument("--processes", type=int, help="worker processes (default WORKER_COUNT)")
+    parser.add_argument("--one-process", action="store_true", help="one worker, in this process, unsupervised")
     args = parser.parse_args(argv)
     settings = settings_or_exit()
     setup_logging_from(settings)
     count = args.processes or settings.worker_count
+    if args.one_process or not hasattr(os, "fork"):
+        gc.freeze()  # what the imports made: the worker's collections never go through it again
+        sys.exit(int(serve(args.burst, settings)))
+    log.info("starting %d %s worker process(es)", count, worker_class(settings).__name__)
+    if count == 1:
+        _supervise_one(args.burst, settings)
     pool = Pool(list(QUEUE_NAMES), connections.settings_client(settings), num_workers=count, serve=_serve_in_pool)
     gc.freeze()  # what is loaded now stays shared with the processes forked: their GC never writes to it
-    log.info("starting %d %s worker process(es)", count, worker_class(settings).__name__)
     pool.start(burst=args.burst, logging_level=settings.log_level)
     if args.burst and not pool.drained:
         log.error("burst ended before the queues were empty")
         sys.exit(1)
+
+
+def _supervise_one(burst: bool, settings: Settings) -> NoReturn:
+    """Fork the worker, then become the supervisor (exec): the worker starts without importing anything
+    again, and no copy of its pages stays behind in its parent. The stop signals are blocked from before
+    the fork until the supervisor's handlers are in place, so that none is lost between."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, supervisor.STOP_SIGNALS)
+    gc.freeze()
+    child = ForkProcess(target=_serve_in_pool, args=(burst,), name="worker 1")
+    child.start()
+    restart = [sys.executable, str(Path(__file__).resolve()), "--one-process", *(["--burst"] if burst else [])]
+    command = supervisor.command(child.pid or 0, burst, log_format_for(settings), settings.log_level, restart)
+    logging.shutdown()
+    os.execv(command[0], command)
 
 
 def serve(burst: bool, settings: Settings) -> Ending:

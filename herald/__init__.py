@@ -2,7 +2,8 @@
 
 Sub-packages, in the direction of their imports (each may import those above it, never below):
 
-- `infra`: Redis connections (plain or Sentinel, sync and asyncio), key names, logs, metrics;
+- `infra`: Redis connections (plain or Sentinel, sync and asyncio), key names, logs, metrics, the supervisor
+  of a lone worker process (standard library only: it runs without importing `herald`);
 - `rq_seam`: every subclass of an RQ or rq-scheduler class and every private name of RQ or redis-py;
 - `jobs`: the job service (enqueue, schedule, cancel, requeue, views), retry policy, capacity, sent-once
   markers, periodic jobs;

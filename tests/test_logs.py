@@ -275,7 +275,7 @@ def test_worker_lines_rq_own_too_come_once_in_the_format(started: Started, redis
     found = records(err.read_text(), log_format)
     assert count(found, "rq.worker", "started with PID") == 1
     assert count(found, "rq.worker", f"Job OK ({job.id})") == 1
-    assert count(found, "rq.worker_pool", "All workers stopped") == 1
+    assert count(found, "worker", "ended with status 2: exit") == 1  # the supervisor's (WORKER_COUNT=1)
     assert count(found, "rq.scheduler", "started with PID") == 1
     assert not [line for line in found if "cleaning" in line[2]]  # at INFO
 

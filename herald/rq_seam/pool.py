@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from enum import IntEnum
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from rq.worker import BaseWorker
 from rq.worker_pool import ForkProcess, WorkerData, WorkerPool
 
+from herald.infra.supervisor import Ending
+
 log = logging.getLogger("worker")
-
-
-class Ending(IntEnum):
-    """How a worker process ended: its exit status, by which a burst pool knows whether to replace it."""
-
-    DRAINED = 0
-    """It found the queues empty (burst)."""
-    UNAVAILABLE = 1
-    """Redis did not answer, or the worker quit on an error: the queues could not be drained."""
-    STOPPED = 2
-    """SIGTERM or SIGINT."""
-    RECYCLED = 3
-    """It ran its share of jobs or memory; a fresh process takes its place."""
 
 
 class Pool(WorkerPool):
