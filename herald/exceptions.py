@@ -39,6 +39,10 @@ class TemplateError(ServiceError):
     """A notification template is unknown, or could not be rendered with the given values."""
 
 
+class PartTooLargeError(TemplateError):
+    """A template's part rendered to more than the bound of one part (`rendering.MAX_PART_BYTES`)."""
+
+
 class TargetError(ServiceError):
     """A notification cannot be addressed: no email address or webhook URL, or a refused URL."""
 

@@ -253,10 +253,34 @@ def test_notifications_arriving_as_windows_close_are_each_sent_once(
         assert answer["notification_id"] in _digest(client, _digest_id(answer))["sent_notification_ids"]
     windows = sorted((_time(view["opened_at"]), _time(view["window_ends_at"])) for view in views)
     assert all(ends <= next_opened for (_, ends), (next_opened, _) in itertools.pairwise(windows))  # one at a time
-    mails = stack.wait_for(len(digest_ids))
-    titles = [line for mail in mails for line in _text(mail).splitlines() if line.startswith("Item ")]
-    assert sorted(titles) == sorted(title for title, _ in posted)
+    mails = [_listed(_text(mail)) for mail in stack.wait_for(len(digest_ids))]
+    titles = [title for _, listed, _ in mails for title in listed]
+    assert len(set(titles)) == len(titles) and set(titles) <= {title for title, _ in posted}
+    assert all(len(listed) + more == count for count, listed, more in mails)
+    assert sum(count for count, _, _ in mails) == len(posted)
     assert redis.keys("digest:open:*") == []  # every window closed
+
+
+def _listed(text: str) -> tuple[int, list[str], int]:
+    """A digest email's count of items, the titles it lists (titles start with "Item "), and how many more it counts."""
+    lines = text.splitlines()
+    more = lines[-1].removeprefix("… and ").removesuffix(" more") if lines[-1].startswith("… and ") else "0"
+    return int(lines[0].split()[0]), [line for line in lines if line.startswith("Item ")], int(more)
+
+
+def test_a_digest_too_long_for_one_message_lists_its_first_items_and_counts_the_others(
+    stack: MailSink, client: TestClient
+) -> None:
+    """Each part of a message is bounded (`rendering.MAX_PART_BYTES`); 150 items of 2,000 characters exceed it."""
+    answers = [_notify(client, window=5, title=f"Item {n}", body="x" * 2_000) for n in range(150)]
+    [digest_id] = {_digest_id(answer) for answer in answers}
+    view = _settled(client, digest_id)
+
+    [mail] = stack.wait_for(1)
+    count, listed, more = _listed(_text(mail))
+    assert count == 150 and 0 < len(listed) < 150 and len(listed) + more == 150
+    assert listed == [f"Item {n}" for n in range(len(listed))]  # the first ones, in arrival order
+    assert len(view["sent_notification_ids"]) == 150
 
 
 def test_a_notification_reading_a_digest_as_it_closes_opens_the_next_one(

@@ -32,7 +32,7 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
 
-from herald.exceptions import ServiceError
+from herald.exceptions import PartTooLargeError, ServiceError
 from herald.infra import keys, metrics
 from herald.infra.statuses import DeliveryStatus
 from herald.notify import notifications, preferences, rendering
@@ -41,7 +41,9 @@ from herald.schemas import DigestView, Preferences
 
 TEMPLATE = "digest"
 ITEM_FIELDS = ("notification_id", "title", "body", "created_at")
-"""What templates see of each item (`items`), beside `count` and `digest_key`."""
+"""What templates see of each item (`items`), beside `count`, `more` and `digest_key`."""
+ITEM_BODY_CHARS = 1_000
+"""A digest shows each item's body up to this many characters (the item's own record keeps it whole)."""
 MAX_TRIES = 100
 """Transactions that may abort (each because a digest of the notification opened or closed) before giving up."""
 
@@ -296,11 +298,32 @@ def _count(
 
 def make_message(delivery: dict[str, Any], digest: dict[str, Any], items: list[dict[str, Any]]) -> Message:
     """The one message of a digest: the `digest` template, rendered with its items, for its channel."""
-    context = {"items": [{field: item[field] for field in ITEM_FIELDS} for item in items]}
-    parts = rendering.render(TEMPLATE, {**context, "count": len(items), "digest_key": digest["digest_key"]})
+    parts = _render_fitting([_shown(item) for item in items], digest["digest_key"])
     title, body, html, payload = _channel_parts(parts, delivery["channel"])
     base = delivery["message"]
     return Message(**{**base, "title": title, "body": body, "html": html, "payload": payload, **_about(items, base)})
+
+
+def _shown(item: dict[str, Any]) -> dict[str, Any]:
+    shown = {field: item[field] for field in ITEM_FIELDS}
+    body = shown["body"]
+    if isinstance(body, str) and len(body) > ITEM_BODY_CHARS:
+        shown["body"] = body[:ITEM_BODY_CHARS] + "…"
+    return shown
+
+
+def _render_fitting(items: list[dict[str, Any]], digest_key: str) -> rendering.Rendered:
+    """The template with as many items, from the first, as each part holds (`rendering.MAX_PART_BYTES`): a
+    long digest still goes out, with its first items and the count of the others (`more`)."""
+    shown = len(items)
+    while True:
+        context = {"items": items[:shown], "count": len(items), "more": len(items) - shown, "digest_key": digest_key}
+        try:
+            return rendering.render(TEMPLATE, context)
+        except PartTooLargeError:
+            if shown <= 1:
+                raise
+            shown //= 2
 
 
 def _about(items: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment
 
-from herald.exceptions import TemplateError
+from herald.exceptions import PartTooLargeError, TemplateError
 from herald.infra.patterns import TEMPLATE_NAME_PATTERN
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -165,7 +165,7 @@ def _bounded_join(where: str, chunks: Iterable[str]) -> str:
     for chunk in chunks:
         size += len(chunk.encode())
         if size > MAX_PART_BYTES:
-            raise TemplateError(f"{where} rendered to more than {MAX_PART_BYTES} bytes")
+            raise PartTooLargeError(f"{where} rendered to more than {MAX_PART_BYTES} bytes")
         parts.append(chunk)
     return "".join(parts)
 
