@@ -69,6 +69,8 @@ class Report:
     unique_messages: int = 0
     finished_without_mail: int = 0
     seconds: float = 0.0
+    duplicated: set[str] = field(default_factory=set)
+    """Jobs whose email went out more than once."""
 
     @property
     def duplicates(self) -> int:
@@ -246,8 +248,14 @@ def _tally(report: Report, connection: Redis, job_ids: list[str], sink: mailsink
             report.lost.append(job_id)
     message_ids = [str(message["Message-ID"]) for message in sink.messages]
     report.messages, report.unique_messages = len(message_ids), len(set(message_ids))
-    sent = {message_id.strip("<>").partition("@")[0] for message_id in message_ids}
+    sent = {_job_of(message_id) for message_id in message_ids}
+    report.duplicated = {_job_of(message_id) for message_id, n in Counter(message_ids).items() if n > 1}
     report.finished_without_mail = sum(1 for job_id in job_ids if status[job_id] == "finished" and job_id not in sent)
+
+
+def _job_of(message_id: str) -> str:
+    """The job whose email it is: its Message-ID is `<job id@domain>`."""
+    return message_id.strip("<>").partition("@")[0]
 
 
 def _reason(job: Job) -> str:
