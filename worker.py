@@ -115,8 +115,9 @@ def _supervise_one(burst: bool, settings: Settings) -> NoReturn:
     gc.freeze()
     child = ForkProcess(target=_serve_in_pool, args=(burst,), name="worker 1")
     child.start()
+    assert child.pid is not None  # set by `start`
     restart = [sys.executable, str(Path(__file__).resolve()), "--one-process", *(["--burst"] if burst else [])]
-    command = supervisor.command(child.pid or 0, burst, log_format_for(settings), settings.log_level, restart)
+    command = supervisor.command(child.pid, burst, log_format_for(settings), settings.log_level, restart)
     logging.shutdown()
     os.execv(command[0], command)
 

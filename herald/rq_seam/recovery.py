@@ -14,7 +14,8 @@ maintenance runs every 10 minutes: a killed job was found 60 s to 11.5 min after
   or in the registry with status `queued`, which the registry's cleanup skips: it is lost. Here the pop
   and a record in `CLAIMS_KEY` are one Lua script; the record is removed in the transaction that
   registers the job and sets it `started`; `sweep` puts back jobs claimed more than
-  `JOB_HEARTBEAT_GRACE_SECONDS` ago and still `queued`.
+  `JOB_HEARTBEAT_GRACE_SECONDS` ago and still `queued`. A worker that runs jobs in its own process
+  (`RecoveringSimpleWorker`) needs no claim: its pop starts the job in the same script (`starts`).
   Redis has no blocking pop-and-record over several lists, so an idle worker waits for a keyspace
   notification of a push onto one of its queues (`Wakeups`), or polls every `POLL_SECONDS` where
   the server's `notify-keyspace-events` lacks them.
@@ -57,7 +58,7 @@ from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_registration import clean_worker_registry
 
 from herald.infra import keys, metrics
-from herald.rq_seam import dates, limits
+from herald.rq_seam import dates, limits, starts
 from settings import QUEUE_NAMES
 
 dates.install()  # RQ's job timestamps read without `strptime`
@@ -254,12 +255,17 @@ class ClaimingQueue(Queue):
         keys = list(by_key)
         deadline = None if timeout is None else time.monotonic() + timeout
         wakeups = None
+        starter = _starter.get()
         try:
             while True:
-                claimed = run_script(connection, CLAIM_SCRIPT, CLAIM_SHA, [CLAIMS_KEY, *keys], [JOB_KEY_PREFIX])
+                start = None if starter is None else starts.Start(starter)
+                if start is None:
+                    claimed = run_script(connection, CLAIM_SCRIPT, CLAIM_SHA, [CLAIMS_KEY, *keys], [JOB_KEY_PREFIX])
+                else:
+                    claimed = run_script(connection, starts.START_SCRIPT, starts.START_SHA, keys, start.words())
                 if claimed:
                     fetched = cls._fetch_claimed(
-                        connection, claimed, by_key, job_class, serializer, death_penalty_class
+                        connection, claimed, by_key, job_class, serializer, death_penalty_class, start
                     )
                     if fetched is not None:
                         return fetched
@@ -288,10 +294,12 @@ class ClaimingQueue(Queue):
         job_class: type[Job] | None,
         serializer: Serializer | str | None,
         death_penalty_class: type[BaseDeathPenalty] | None,
+        start: starts.Start | None = None,
     ) -> tuple[Job, Queue] | None:
         """The claimed job, made from the hash the claim returned, and its queue; None if the job was
         deleted while queued. RQ's `_fetch_dequeued_job`, without its HGETALL, and with the queue
-        the caller gave (`by_key`) rather than one made anew for each job."""
+        the caller gave (`by_key`) rather than one made anew for each job. With a `start`, the job
+        was started by the script too, and is set so here."""
         queue_key, job_id, fields = claimed[0].decode(), claimed[1].decode(), claimed[2]
         job_cls: type[Job] = backend_class(cls, "job_class", override=job_class)
         queue = by_key.get(queue_key) or cls.from_queue_key(
@@ -307,10 +315,15 @@ class ClaimingQueue(Queue):
         try:
             job.restore(dict(zip(fields[::2], fields[1::2], strict=True)))
         except Exception as exc:  # as RQ's: the job is dropped, its id and queue on the error for the handlers
-            connection.zrem(CLAIMS_KEY, job_id)
+            if start is None:
+                connection.zrem(CLAIMS_KEY, job_id)
+            else:
+                start.undo(connection, claimed)
             exc.job_id = job_id  # type: ignore[attr-defined]
             exc.queue = queue  # type: ignore[attr-defined]
             raise
+        if start is not None:
+            start.apply(job, claimed)
         return job, queue
 
     def acquire_maintenance_lock(self) -> bool:
@@ -346,6 +359,20 @@ def _clean_registries(worker: _LeanBookkeeping) -> None:
 
 def _retry_abandoned(connection: Redis, queue_name: str) -> None:
     StartedJobRegistry(queue_name, connection=connection, job_class=_RetryAtOnce).cleanup()
+
+
+_starter: ContextVar[starts.Starter | None] = ContextVar("starter", default=None)
+"""The worker whose pop this is, if it starts the job in the same script (`RecoveringSimpleWorker`)."""
+
+
+@contextmanager
+def pops_start(worker: starts.Starter) -> Iterator[None]:
+    """Within the block, this thread's pops (`ClaimingQueue.dequeue_any`) also start the job for `worker`."""
+    token = _starter.set(worker)
+    try:
+        yield
+    finally:
+        _starter.reset(token)
 
 
 _soft_writes: ContextVar[Pipeline | None] = ContextVar("soft_writes", default=None)
@@ -664,9 +691,32 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.job_heartbeats = JobHeartbeats(self)
+        self._started: dict[str, Execution] = {}
+        """Job id -> the execution its pop started (`starts`), until the job's run takes it."""
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """Each job popped is started in the same script (`starts.START_SCRIPT`): one round trip less."""
+        with pops_start(self):
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
+    def beat_due(self, ttl: int) -> bool:
+        """Whether a job's start sends the worker's heartbeat too (`write_start`'s rule)."""
+        return not self._beat_is_fresh(ttl)
+
+    def started(self, job: Job, execution: Execution, beat_ttl: int | None) -> None:
+        """A pop started `job` (`starts.Start.apply`): the worker is busy, and beat if `beat_ttl`."""
+        self._state = WorkerStatus.BUSY
+        if beat_ttl is not None:
+            self.last_heartbeat = execution.created_at
+            self._beat_ttl = beat_ttl
+        self._started[job.id] = execution
 
     def prepare_execution(self, job: Job) -> Execution:
-        return _prepare_execution(self, job, in_process=True)
+        """The execution the job's pop started, or (a job given otherwise) its start written now."""
+        execution = self._started.pop(job.id, None)
+        return execution or _prepare_execution(self, job, in_process=True)
 
     def teardown(self) -> None:
         self.job_heartbeats.stop()
