@@ -17,8 +17,9 @@ from rq.job import JobStatus
 from rq.registry import FinishedJobRegistry
 from rq.timeouts import JobTimeoutException
 
-from herald.rq_seam.recovery import CLAIMS_KEY
-from herald.rq_seam.threaded import WatchdogDeathPenalty
+from herald.rq_seam import recovery
+from herald.rq_seam.recovery import CLAIMS_KEY, ClaimingQueue
+from herald.rq_seam.threaded import ThreadedWorker, WatchdogDeathPenalty
 from tests import fixtures
 from tests.conftest import StartProcess
 from tests.helpers import wait_until
@@ -59,6 +60,27 @@ def test_one_process_runs_its_threads_jobs_at_once_each_in_the_registries(
     wait_until(lambda: all(_status(client, job_id) == "finished" for job_id in ids), timeout=60, what="deliveries")
     assert webhooks.max_in_flight == threads
     assert set(FinishedJobRegistry("default", connection=redis).get_job_ids()) == set(ids)
+
+
+def test_the_end_of_the_last_running_job_sets_the_worker_idle_in_its_own_script(redis: Redis) -> None:
+    """Each end sees the starts (the worker's execution index): no write of its own, and no `idle` while a
+    job started meanwhile runs. The runs here go past `_run`, whose own `idle` write would hide a miss."""
+    queue = Queue("default", connection=redis)
+    for _ in range(2):
+        queue.enqueue(fixtures.pid)
+    worker = ThreadedWorker(["default"], connection=redis)
+    worker.register_birth()
+    with recovery.pops_start(worker):
+        popped = [ClaimingQueue.dequeue_any(worker.queues, None, connection=redis) for _ in range(2)]
+    started = [(job, worker.prepare_execution(job)) for job, _ in filter(None, popped)]
+    states = []
+    try:
+        for job, execution in started:
+            assert worker.perform_job(job, queue, execution)
+            states.append(redis.hget(worker.key, "state"))
+    finally:
+        worker.job_heartbeats.stop()
+    assert states == [b"busy", b"idle"]
 
 
 def test_warm_shutdown_lets_the_running_jobs_finish_and_takes_no_other(

@@ -102,7 +102,8 @@ def _finish_script(first_key: int, first_arg: int, then: str) -> str:
     and its hash is gone (deleted while it ran: the caller writes it whole again, as RQ's
     `handle_job_success` does; with an owner, the `worker_name` read for the check tells, as the job's
     start wrote it), else its commands are run (each as its word count, then its words;
-    the first `soft` of them, metrics, with their errors ignored) and `then` follows."""
+    the first `soft` of them, metrics, with their errors ignored), the worker set `idle` if it is given
+    (its key and execution index, after the job's) and runs no other job, and `then` follows."""
     k, a = first_key, first_arg
     return f"""
 local owner = ARGV[{a}]
@@ -127,12 +128,15 @@ while i <= #ARGV do
   end
   i, n = i + count + 1, n + 1
 end
+if #KEYS >= {k + 3} and redis.call('SCARD', KEYS[{k + 3}]) == 0 then
+  redis.call('HSET', KEYS[{k + 2}], 'state', 'idle')
+end
 {then}"""
 
 
 FINISH_SCRIPT = _finish_script(1, 1, "return 1")
-"""KEYS: the job's dependents set, the job's hash; ARGV: the owner, whole (1) or changed fields (0), the
-soft count, the commands."""
+"""KEYS: the job's dependents set, the job's hash, optionally the worker's key and execution index; ARGV:
+the owner, whole (1) or changed fields (0), the soft count, the commands."""
 FINISH_SHA = hashlib.sha1(FINISH_SCRIPT.encode()).hexdigest()
 FINISH_AND_RELEASE_SCRIPT = _finish_script(3, 7, RELEASE_AND_ENQUEUE_SCRIPT)
 """The same for a job holding a destination slot, then RQ's own release of that slot (which promotes
@@ -568,6 +572,7 @@ class _LeanBookkeeping(BaseWorker):
             return
         if soft is not None:
             soft.command_stack.clear()
+        self.ended_in_script()
         job._status = JobStatus.FINISHED
         taken = job.ended_at - job.started_at  # type: ignore[operator]
         if self.log_job_description:  # RQ's own line, as `handle_job_success` writes it
@@ -586,13 +591,21 @@ class _LeanBookkeeping(BaseWorker):
 
     def _run_finish(self, job: Job, words: list[Any]) -> Any:
         """The finish script (`_finish_script`), with the release of the job's slot if it holds one."""
-        owner, keys = self.finish_owner(), [job.dependents_key, job.key]
+        owner, keys = self.finish_owner(), [job.dependents_key, job.key, *self.idle_keys()]
         if not job.rate_limit_key:
             return run_script(self.connection, FINISH_SCRIPT, FINISH_SHA, keys, [owner, *words])
         job._status = JobStatus.FINISHED  # as written by the script, before its release part runs
         release_keys, release_words = limits.release_arguments(job)
         script, sha = FINISH_AND_RELEASE_SCRIPT, FINISH_AND_RELEASE_SHA
         return run_script(self.connection, script, sha, [*release_keys, *keys], [*release_words, owner, *words])
+
+    def idle_keys(self) -> list[str]:
+        """The worker's key and execution index, for the finish script to set the worker `idle` when
+        the job leaves none of its executions running; none: the script leaves the state alone."""
+        return []
+
+    def ended_in_script(self) -> None:
+        """Called once the finish script wrote a job's end (and, with `idle_keys`, the worker's state)."""
 
     def finish_owner(self) -> str:
         """The worker name the job must still have for its end to be written (`TakenOver` if not);

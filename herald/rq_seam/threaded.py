@@ -183,6 +183,8 @@ class ThreadedWorker(RecoveringSimpleWorker):
         self._running = 0
         self._jobs: queue.SimpleQueue[tuple[Job, Queue] | None] = queue.SimpleQueue()
         self._pool: list[threading.Thread] = []
+        self._state_written = threading.local()
+        """`done`: whether this thread's last job end set the worker's state (`ended_in_script`)."""
 
     def set_threads(self, threads: int) -> None:
         """Run up to `threads` jobs at once (before `work`)."""
@@ -249,14 +251,24 @@ class ThreadedWorker(RecoveringSimpleWorker):
             except Exception:  # a thread made per job would end here; a pooled one goes on
                 self.log.exception("job %s: its run ended with an error its end does not record", handed[0].id)
 
+    def idle_keys(self) -> list[str]:
+        """A job's end sets the worker `idle` in its script when it leaves no job running: the script
+        sees the execution index, which each start adds to in its own script, so a job started by the
+        main thread meanwhile keeps the worker busy; and an idle worker costs no write of its own."""
+        return [self.key, self.executions_key]
+
+    def ended_in_script(self) -> None:
+        self._state_written.done = True
+
     def _run(self, job: Job, queue: Queue) -> None:
         ended = False
+        self._state_written.done = False
         try:
             execution = self.prepare_execution(job)
             self.perform_job(job, queue, execution)
             idle = self._end_of_job()
             ended = True
-            if idle:
+            if idle and not self._state_written.done:
                 self.set_state(WorkerStatus.IDLE)
         finally:
             if not ended:
