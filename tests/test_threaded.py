@@ -83,6 +83,29 @@ def test_the_end_of_the_last_running_job_sets_the_worker_idle_in_its_own_script(
     assert states == [b"busy", b"idle"]
 
 
+def test_a_burst_runs_the_dependents_its_running_jobs_queue(redis: Redis) -> None:
+    """The queues are empty while the parent runs; its end queues the child, which the burst must still run."""
+    queue = Queue("default", connection=redis)
+    parent = queue.enqueue(fixtures.sleep, 0.2)
+    child = queue.enqueue(fixtures.pid, depends_on=parent)
+    worker = ThreadedWorker(["default"], connection=redis)
+    assert worker.work(burst=True)
+    assert (parent.get_status(), child.get_status()) == (JobStatus.FINISHED, JobStatus.FINISHED)
+
+
+@pytest.mark.timeout(30, method="thread")  # a miss hangs the second burst where a signal cannot end it
+def test_a_worker_works_again_after_a_burst(redis: Redis) -> None:
+    """Its threads ended with the first burst: the second makes its own (RQ's tests reuse a worker so)."""
+    queue = Queue("default", connection=redis)
+    worker = ThreadedWorker(["default"], connection=redis)
+    worker.set_threads(1)  # a thread short, the second burst would hand its job to no one
+    jobs = []
+    for _ in range(2):
+        jobs.append(queue.enqueue(fixtures.pid))
+        assert worker.work(burst=True)
+    assert [job.get_status() for job in jobs] == [JobStatus.FINISHED] * 2
+
+
 def test_warm_shutdown_lets_the_running_jobs_finish_and_takes_no_other(
     client: TestClient, webhooks: Receiver, threads: int, processes: StartProcess, redis: Redis
 ) -> None:

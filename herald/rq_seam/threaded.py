@@ -207,7 +207,16 @@ class ThreadedWorker(RecoveringSimpleWorker):
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
     ) -> tuple[Job, Queue] | None:
-        """A job is claimed only once a thread is free to run it, so none waits here, claimed."""
+        """A job is claimed only once a thread is free to run it, so none waits here, claimed. A burst
+        that finds the queues empty looks again once its running jobs have ended, as RQ's one-job-at-a-
+        time loop would: they may have queued more (their dependents)."""
+        while True:
+            result = self._claim_for_a_free_thread(timeout, max_idle_time)
+            if result is not None or timeout is not None or not self._running:
+                return result
+            self.wait_for_jobs()
+
+    def _claim_for_a_free_thread(self, timeout: int | None, max_idle_time: int | None) -> tuple[Job, Queue] | None:
         while not self._free.acquire(timeout=FREE_THREAD_WAIT_SECONDS):
             self.heartbeat()
         if self._stop_requested:
@@ -350,11 +359,15 @@ class ThreadedWorker(RecoveringSimpleWorker):
             raise
 
     def teardown(self) -> None:
-        """Wait for the running jobs before the worker leaves the registry (warm shutdown)."""
+        """Wait for the running jobs before the worker leaves the registry (warm shutdown); end the
+        threads, so that the worker's next `work` (RQ's tests call it again) makes its own."""
         if not self._cold:
             self.wait_for_jobs()
             for _ in self._pool:
                 self._jobs.put(None)
+            for thread in self._pool:
+                thread.join()
+            self._pool.clear()
         super().teardown()
 
     def wait_for_jobs(self) -> None:
