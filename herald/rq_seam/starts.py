@@ -4,9 +4,9 @@ RQ pops a job in one round trip, reads its hash in a second (the claim script do
 start in a third: `prepare_execution` (the execution's hash, its job's execution registry, the started
 registry, the worker's execution index) and `prepare_job_execution` (the worker busy, the job's status,
 start, heartbeat and worker). `START_SCRIPT` pops, reads and writes that start in one script, with the
-same keys, values and TTLs (`tests/test_starts.py` compares them with RQ's own). A job so started needs no
-claim: it is in the started registry from the moment it leaves its queue, and a worker that dies then is
-recovered as one that died while running it. Written for RQ 3.0's `Execution.create` and
+same keys, values and TTLs as the two-step start (`tests/test_starts.py` compares every key). A job so
+started needs no claim: it is in the started registry from the moment it leaves its queue, and a worker
+that dies then is recovered as one that died while running it. Written for RQ 3.0's `Execution.create` and
 `Job.prepare_for_execution` (`herald.rq_seam` checks the version).
 """
 
