@@ -77,7 +77,9 @@ class Settings(BaseSettings):
         " WEBHOOK_HOST_CONCURRENCY; 1: one job at a time",
     )
     worker_max_jobs: int = Field(100_000, ge=1, description="a simple worker process is replaced after this many jobs")
-    worker_max_memory_mib: int = Field(512, ge=16, description="... or once its resident memory exceeds this")
+    worker_max_memory_mib: int = Field(
+        512, ge=16, description="... or once its resident memory has exceeded this (its peak, read after each job)"
+    )
     api_workers: int = Field(2, ge=1, description="uvicorn worker processes of the API (one per core)")
     worker_ttl_seconds: int = Field(20, ge=2, description="worker heartbeat TTL; idle workers poll for it")
     worker_maintenance_interval_seconds: int = Field(10, ge=1, description="how often a worker cleans registries")

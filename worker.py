@@ -6,7 +6,7 @@ that imports nothing of the service (`herald/infra/supervisor.py`; why: its docs
 container's restart policy) to keep running; so does Windows, which cannot fork. With
 the default `WORKER_CLASS=simple` each is RQ's `SimpleWorker` (jobs run in the worker's own process:
 no fork per job: about 5x the jobs/s of the forking worker) and is replaced by a fresh process after
-`WORKER_MAX_JOBS` jobs or once it holds `WORKER_MAX_MEMORY_MIB`, so a leaking job cannot grow it
+`WORKER_MAX_JOBS` jobs or once it has held `WORKER_MAX_MEMORY_MIB` (its peak), so a leaking job cannot grow it
 without bound; a job that kills its process is found by the crash recovery and run again.
 `WORKER_CLASS=fork` gives RQ's forking `Worker` (a fresh process per job: slower, and the choice for
 jobs that corrupt their process state). Windows, which cannot fork, always gets `SimpleWorker`.

@@ -108,6 +108,7 @@ def setups(python: Path) -> dict[str, Setup]:
         Setup("huey, 1 worker thread", "huey", huey, _huey_pending),
         Setup("celery prefork, concurrency 1", "celery", celery, _celery_pending),
         Setup("worker.py --processes 1", "project", [sys.executable, "worker.py", "--processes", "1"], rq_pending),
+        Setup(ONE_AT_A_TIME, "project", [sys.executable, "worker.py", "--processes", "1"], rq_pending, THREADS_1),
         Setup("worker.py, default set-up", "project", [sys.executable, "worker.py"], rq_pending),
         Setup(THREADED, "project", [sys.executable, "worker.py"], rq_pending, THREADS_8),
         Setup(UNCAPPED, "project", [sys.executable, "worker.py"], rq_pending, uncapped),
@@ -122,8 +123,13 @@ NOOP_SETUPS = (
     "huey, 1 worker thread",
     "celery prefork, concurrency 1",
     "worker.py --processes 1",
+    "worker.py --processes 1, WORKER_THREADS=1",
 )
 THREADS_8 = (("WORKER_THREADS", "8"),)
+THREADS_1 = (("WORKER_THREADS", "1"),)
+ONE_AT_A_TIME = NOOP_SETUPS[-1]
+"""One job at a time, as the peers it is measured against (celery with concurrency 1, dramatiq with 1 thread,
+huey with 1 worker thread); the default runs WORKER_THREADS jobs at once, whose threads share one GIL."""
 THREADED = "worker.py, WORKER_THREADS=8"
 """The default 2 processes, each running 8 jobs at once: the 16 deliveries in flight of dramatiq's defaults."""
 UNCAPPED = "worker.py, WORKER_THREADS=8, SMTP_CONCURRENCY=16"

@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 from redis import Redis
 from rq import Queue
+from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job, JobStatus
+from rq.suspension import suspend
 
 from herald.rq_seam import recovery
 from herald.rq_seam.recovery import ClaimingQueue, RecoveringSimpleWorker
@@ -20,37 +22,49 @@ from tests import fixtures
 Snapshot = dict[str, Any]
 DATE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z?")
 TIMESTAMP = re.compile(r"\d{10}(\.\d+)?")
+DURATION = re.compile(r"0\.\d+")
+"""A job's run time (the worker's `total_working_time`), in seconds."""
 
 
-def _text(value: Any, execution_id: str) -> Any:
-    """`value` with the run's own parts (execution id, dates, timestamps) named instead."""
+def _text(value: Any, *execution_ids: str) -> Any:
+    """`value` with the run's own parts (execution ids, dates, timestamps, durations) named instead."""
     if isinstance(value, bytes):
-        value = value.decode(errors="backslashreplace").replace(execution_id, "<execution>")
+        value = value.decode(errors="backslashreplace")
+        for execution_id in execution_ids:
+            value = value.replace(execution_id, "<execution>")
+        if DURATION.fullmatch(value):
+            return "<duration>"
         return "<timestamp>" if TIMESTAMP.fullmatch(value) else DATE.sub("<date>", value)
     return value
 
 
-def _snapshot(redis: Redis, execution_id: str = "no execution yet") -> Snapshot:
+def _snapshot(redis: Redis, *execution_ids: str) -> Snapshot:
     """Every key: its type, content (zset scores as seconds from now) and TTL."""
     found: list[bytes] = redis.keys("*")  # type: ignore[assignment]
     kinds: list[bytes] = [redis.type(key) for key in found]  # type: ignore[misc]
     return {
-        _text(key, execution_id): (kind.decode(), _content(redis, key, kind.decode(), execution_id), redis.ttl(key))
+        _text(key, *execution_ids): (kind.decode(), _content(redis, key, kind.decode(), execution_ids), redis.ttl(key))
         for key, kind in zip(found, kinds, strict=True)
     }
 
 
-def _content(redis: Redis, key: bytes, kind: str, execution_id: str) -> Any:
+def _content(redis: Redis, key: bytes, kind: str, execution_ids: tuple[str, ...]) -> Any:
     if kind == "hash":
-        return {_text(name, execution_id): _text(value, execution_id) for name, value in redis.hgetall(key).items()}
+        return {_text(name, *execution_ids): _text(value, *execution_ids) for name, value in redis.hgetall(key).items()}
+    if kind == "stream":  # a job's results: the entries' fields, without their ids (times)
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = redis.xrange(key)  # type: ignore[assignment]
+        return [
+            {_text(name, *execution_ids): _text(value, *execution_ids) for name, value in fields.items()}
+            for _, fields in entries
+        ]
     if kind == "zset":
         scored: list[tuple[bytes, float]] = redis.zrange(key, 0, -1, withscores=True)  # type: ignore[assignment]
-        return {_text(member, execution_id): round(score - time.time()) for member, score in scored}
+        return {_text(member, *execution_ids): round(score - time.time()) for member, score in scored}
     if kind == "set":
-        return sorted(_text(member, execution_id) for member in redis.smembers(key))
+        return sorted(_text(member, *execution_ids) for member in redis.smembers(key))
     if kind == "list":
-        return [_text(item, execution_id) for item in redis.lrange(key, 0, -1)]
-    return _text(redis.get(key), execution_id)
+        return [_text(item, *execution_ids) for item in redis.lrange(key, 0, -1)]
+    return _text(redis.get(key), *execution_ids)
 
 
 def _close(ours: Any, theirs: Any) -> bool:
@@ -130,3 +144,68 @@ def test_a_job_that_cannot_be_read_leaves_no_start_behind(redis: Redis) -> None:
         ClaimingQueue.dequeue_any(worker.queues, None, connection=redis)
     assert redis.keys("rq:execution*") == [] and redis.zcard("rq:wip:default") == 0
     assert redis.scard("rq:worker:the-worker:executions") == 0 and not worker.executions
+
+
+def _end_and_next(redis: Redis, folds: bool, stops: bool = False) -> Any:
+    """What the end of a first job and the start of a second changed in Redis, with the second popped by
+    the first's end script (`folds`) or by a pop of its own; `stops`: the worker stops after the first."""
+    redis.flushdb()
+    queue = Queue("default", connection=redis)
+    for job_id in ("first", "second"):
+        queue.enqueue(fixtures.pid, job_id=job_id)
+    worker = RecoveringSimpleWorker(["default"], connection=redis, name="the-worker", job_monitoring_interval=10)
+    worker.heartbeat_grace = 4
+    if not folds:
+        worker.next_start = lambda: None  # type: ignore[method-assign]
+    worker.register_birth()
+    first = worker.dequeue_job_and_maintain_ttl(None)
+    assert first is not None and first[0].id == "first"
+    ids = [worker._started[first[0].id].id]
+    before = _snapshot(redis, *ids)
+    worker.execute_job(*first)
+    assert (worker._popped is not None) is folds
+    if stops:
+        worker.teardown()
+    else:
+        second = worker.dequeue_job_and_maintain_ttl(None)
+        assert second is not None and second[0].id == "second"
+        ids.append(worker.prepare_execution(second[0]).id)
+    after = _snapshot(redis, *ids)
+    return {key: after.get(key) for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
+
+
+def test_a_job_started_by_the_end_of_the_one_before_is_left_as_its_own_pop_leaves_it(redis: Redis) -> None:
+    ours, theirs = _end_and_next(redis, folds=True), _end_and_next(redis, folds=False)
+    assert _close(ours, theirs), f"{ours}\n!=\n{theirs}"
+    assert ours["rq:job:first"][1]["status"] == "finished"
+    assert ours["rq:job:second"][1]["status"] == "started" and "rq:execution:second:<execution>" in ours
+    assert ours["rq:queue:default"] is None, "both popped"
+
+
+def test_a_job_popped_by_the_end_of_the_one_before_goes_back_to_its_queue_when_the_worker_stops(
+    redis: Redis,
+) -> None:
+    """A stop that comes while the first job runs leaves the second as a worker that never popped it."""
+    ours, theirs = _end_and_next(redis, folds=True, stops=True), _end_and_next(redis, folds=False, stops=True)
+    assert _close(ours, theirs), f"{ours}\n!=\n{theirs}"
+    assert redis.lrange("rq:queue:default", 0, -1) == [b"second"]
+    assert redis.hget("rq:job:second", "status") == b"queued" and redis.zcard("rq:wip:default") == 0
+    assert redis.keys("rq:execution*") == []
+
+
+def test_a_job_popped_by_the_end_of_the_one_before_goes_back_to_its_queue_when_the_worker_is_suspended(
+    redis: Redis,
+) -> None:
+    """`rq suspend` while the first job runs: the worker waits until resumed, the second job in its queue."""
+    queue = Queue("default", connection=redis)
+    first, second = queue.enqueue(fixtures.pid), queue.enqueue(fixtures.pid)
+    worker = RecoveringSimpleWorker(["default"], connection=redis, name="the-worker")
+    popped = worker.dequeue_job_and_maintain_ttl(None)
+    assert popped is not None and popped[0].id == first.id
+    worker.execute_job(*popped)
+    assert worker._popped is not None
+    suspend(redis)
+    with pytest.raises(StopRequested):  # a burst worker stops when suspended
+        worker.check_for_suspension(burst=True)
+    assert redis.lrange("rq:queue:default", 0, -1) == [second.id.encode()]
+    assert second.get_status() == JobStatus.QUEUED and redis.zcard("rq:wip:default") == 0

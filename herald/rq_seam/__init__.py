@@ -12,6 +12,9 @@ What the seam changes in RQ's behaviour, module by module:
   maintenance pass; workers keep leaner bookkeeping (a successful job's end, the check that the job is still
   this worker's, and the release of its destination slot with RQ's own release script, are one script; a
   job's metrics ride with it); idle workers wake on keyspace events.
+- `starts`: a worker that runs its jobs in its own process pops and starts a job in one script, and one
+  that runs one job at a time pops and starts the next job in its last job's end script (one round trip
+  per job); a job so popped by a worker that then stops goes back to the front of its queue.
 - `threaded`: a `SimpleWorker` that runs WORKER_THREADS jobs at once, in threads made once; their timeouts
   kept by one watchdog thread per process (`WatchdogDeathPenalty`: RQ's `TimerDeathPenalty` starts a timer
   thread per job and per callback).

@@ -52,6 +52,7 @@ from rq.rate_limit import RELEASE_AND_ENQUEUE_SCRIPT, RateLimitRegistry
 from rq.registry import StartedJobRegistry, clean_registries
 from rq.results import Result
 from rq.serializers import Serializer
+from rq.suspension import is_suspended
 from rq.timeouts import BaseDeathPenalty, JobTimeoutException
 from rq.utils import backend_class, now, utcformat
 from rq.worker import BaseWorker, WorkerStatus
@@ -95,7 +96,7 @@ JOB_KEY_PREFIX = Job.redis_job_namespace_prefix
 CLAIM_SHA = hashlib.sha1(CLAIM_SCRIPT.encode()).hexdigest()
 
 
-def _finish_script(first_key: int, first_arg: int, then: str) -> str:
+def _finish_script(first_key: int, first_arg: int, then: str, idle_keys: bool = True) -> str:
     """The end of a successful job, its keys from KEYS[first_key] and its words from ARGV[first_arg]:
     -1 if the job's `worker_name` is another than the owner given (unless none is given), 0 if it has
     dependents (nothing written), -2 if the commands write only the job's changed fields (`whole` 0)
@@ -103,8 +104,16 @@ def _finish_script(first_key: int, first_arg: int, then: str) -> str:
     `handle_job_success` does; with an owner, the `worker_name` read for the check tells, as the job's
     start wrote it), else its commands are run (each as its word count, then its words;
     the first `soft` of them, metrics, with their errors ignored), the worker set `idle` if it is given
-    (its key and execution index, after the job's) and runs no other job, and `then` follows."""
+    (its key and execution index, after the job's; `idle_keys`) and runs no other job, and `then` follows."""
     k, a = first_key, first_arg
+    idle = (
+        f"""if #KEYS >= {k + 3} and redis.call('SCARD', KEYS[{k + 3}]) == 0 then
+  redis.call('HSET', KEYS[{k + 2}], 'state', 'idle')
+end
+"""
+        if idle_keys
+        else ""
+    )
     return f"""
 local owner = ARGV[{a}]
 local holder = owner ~= '' and redis.call('HGET', KEYS[{k + 1}], 'worker_name')
@@ -128,10 +137,7 @@ while i <= #ARGV do
   end
   i, n = i + count + 1, n + 1
 end
-if #KEYS >= {k + 3} and redis.call('SCARD', KEYS[{k + 3}]) == 0 then
-  redis.call('HSET', KEYS[{k + 2}], 'state', 'idle')
-end
-{then}"""
+{idle}{then}"""
 
 
 FINISH_SCRIPT = _finish_script(1, 1, "return 1")
@@ -143,6 +149,14 @@ FINISH_AND_RELEASE_SCRIPT = _finish_script(3, 7, RELEASE_AND_ENQUEUE_SCRIPT)
 the next waiting job) in the same script: KEYS and ARGV begin with RQ's release script's own (two
 keys, six words), after the job's end is written, as RQ's `release_slot` requires."""
 FINISH_AND_RELEASE_SHA = hashlib.sha1(FINISH_AND_RELEASE_SCRIPT.encode()).hexdigest()
+FINISH_AND_START_SCRIPT = starts.start_after(3) + _finish_script(
+    1, starts.START_WORDS + 1, "local popped = start_next()\nif popped then\n  return popped\nend\nreturn 1", False
+)
+"""The same, then the next waiting job popped and started as `starts.START_SCRIPT` does: KEYS the job's
+dependents set and hash, then the queues; ARGV the start's words (`starts.Start.words`), then the finish's.
+Answers as `FINISH_SCRIPT`, or, where a job was waiting, the start's answer: the next job in the same
+round trip as the end of the one before, for a worker that runs one job at a time."""
+FINISH_AND_START_SHA = hashlib.sha1(FINISH_AND_START_SCRIPT.encode()).hexdigest()
 
 
 class TakenOver(Exception):
@@ -523,12 +537,14 @@ class _LeanBookkeeping(BaseWorker):
             serializer=self.serializer,
             death_penalty_class=self.death_penalty_class,
         )
-        if result is not None:
-            job, queue = result
-            self.reorder_queues(reference_queue=queue)
-            job.redis_server_version = self.get_redis_server_version()
-            self.log.info("Worker %s: %s: %s (%s)", self.name, queue.name, job.description, job.id)
-        return result
+        return None if result is None else self._dequeued(*result)
+
+    def _dequeued(self, job: Job, queue: Queue) -> tuple[Job, Queue]:
+        """What RQ's dequeue does with a job it popped."""
+        self.reorder_queues(reference_queue=queue)
+        job.redis_server_version = self.get_redis_server_version()
+        self.log.info("Worker %s: %s: %s (%s)", self.name, queue.name, job.description, job.id)
+        return job, queue
 
     def _finalize_success(self, job: Job, queue: Queue, execution: Execution, return_value: Any) -> None:
         """RQ's, with what the success callback records for metrics sent with the job's end (one
@@ -592,12 +608,26 @@ class _LeanBookkeeping(BaseWorker):
     def _run_finish(self, job: Job, words: list[Any]) -> Any:
         """The finish script (`_finish_script`), with the release of the job's slot if it holds one."""
         owner, keys = self.finish_owner(), [job.dependents_key, job.key, *self.idle_keys()]
+        start = None if job.rate_limit_key else self.next_start()
+        if start is not None:
+            queues = [queue.key for queue in self._ordered_queues]
+            script, sha, args = FINISH_AND_START_SCRIPT, FINISH_AND_START_SHA, [*start.words(), owner, *words]
+            return self.popped_with_end(start, run_script(self.connection, script, sha, [*keys, *queues], args))
         if not job.rate_limit_key:
             return run_script(self.connection, FINISH_SCRIPT, FINISH_SHA, keys, [owner, *words])
         job._status = JobStatus.FINISHED  # as written by the script, before its release part runs
         release_keys, release_words = limits.release_arguments(job)
         script, sha = FINISH_AND_RELEASE_SCRIPT, FINISH_AND_RELEASE_SHA
         return run_script(self.connection, script, sha, [*release_keys, *keys], [*release_words, owner, *words])
+
+    def next_start(self) -> starts.Start | None:
+        """A start of the next waiting job, for a successful job's end script to write as well (then
+        `idle_keys` must be none); None: the worker pops its next job itself."""
+        return None
+
+    def popped_with_end(self, start: starts.Start, outcome: Any) -> Any:
+        """The end script's outcome, given the start it also wrote (`next_start`)."""
+        return outcome
 
     def idle_keys(self) -> list[str]:
         """The worker's key and execution index, for the finish script to set the worker `idle` when
@@ -645,8 +675,12 @@ class _LeanBookkeeping(BaseWorker):
     def check_for_suspension(self, burst: bool) -> None:
         """RQ looks before every job whether `rq suspend` was called; here at most once a second."""
         if time.monotonic() - self._suspension_checked >= self.HEARTBEAT_EVERY_SECONDS:
+            self.before_suspension_check()
             super().check_for_suspension(burst)
             self._suspension_checked = time.monotonic()
+
+    def before_suspension_check(self) -> None:
+        """Called before each look whether the worker is suspended (which may wait until it is resumed)."""
 
     def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
         """Written only when it changes, or with a pipeline: RQ sets `idle` twice between two jobs."""
@@ -706,6 +740,10 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
         self.job_heartbeats = JobHeartbeats(self)
         self._started: dict[str, Execution] = {}
         """Job id -> the execution its pop started (`starts`), until the job's run takes it."""
+        self._popped: tuple[list[Any], starts.Start] | None = None
+        """The next job, popped and started by the end script of the one before, until the loop takes it."""
+        self._found_empty = False
+        """Whether the end script of the job before found no job waiting."""
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
@@ -713,6 +751,55 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
         """Each job popped is started in the same script (`starts.START_SCRIPT`): one round trip less."""
         with pops_start(self):
             return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
+    def next_start(self) -> starts.Start | None:
+        """One job at a time: a successful job's end pops and starts the next (one round trip per job),
+        unless the worker stops after this job (asked to, or its share of jobs or memory is reached)."""
+        if self._stop_requested or self._popped is not None or self._last_job():
+            return None
+        return starts.Start(self)
+
+    def _last_job(self) -> bool:
+        """Whether the job running is the last this process runs (`recycle_reason` once it has ended)."""
+        if self.max_jobs_per_process and self.jobs_run + 1 >= self.max_jobs_per_process:
+            return True
+        return self.recycle_reason() is not None
+
+    def popped_with_end(self, start: starts.Start, outcome: Any) -> Any:
+        """A job popped by the end script waits for the loop's next dequeue (`_waiting_job`)."""
+        if isinstance(outcome, list):
+            self._popped = (outcome, start)
+            return 1
+        self._found_empty = outcome == 1
+        return outcome
+
+    def _waiting_job(self) -> tuple[Job, Queue] | None:
+        """The job the end of the one before popped, if it did; none if it found the queues empty (RQ's
+        dequeue, which waits, comes next); else a pop."""
+        popped, self._popped = self._popped, None
+        found_empty, self._found_empty = self._found_empty, False
+        if popped is not None:
+            by_key = {queue.key: queue for queue in self._ordered_queues}
+            serializer, penalty = self.serializer, self.death_penalty_class
+            result = ClaimingQueue._fetch_claimed(
+                self.connection, popped[0], by_key, self.job_class, serializer, penalty, popped[1]
+            )
+            if result is not None:
+                return self._dequeued(*result)
+        return None if found_empty else super()._waiting_job()
+
+    def before_suspension_check(self) -> None:
+        """A suspended worker gives back the job the end of the one before popped, before it waits to be
+        resumed: its start's heartbeat would expire meanwhile, and the job run again elsewhere."""
+        if self._popped is not None and is_suspended(self.connection, self):
+            self.give_back_popped()
+
+    def give_back_popped(self) -> None:
+        """A job the end script popped and started, which the worker leaves without running (it stopped):
+        back at the front of its queue, as if never popped."""
+        popped, self._popped = self._popped, None
+        if popped is not None and popped[0][2]:  # no fields: deleted while queued, nothing started
+            popped[1].give_back(self.connection, popped[0])
 
     def beat_due(self, ttl: int) -> bool:
         """Whether a job's start sends the worker's heartbeat too (`write_start`'s rule)."""
@@ -732,6 +819,7 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
         return execution or _prepare_execution(self, job, in_process=True)
 
     def teardown(self) -> None:
+        self.give_back_popped()
         self.job_heartbeats.stop()
         super().teardown()
 
@@ -794,9 +882,9 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
     def recycle_reason(self) -> str | None:
         if self.max_jobs_per_process and self.jobs_run >= self.max_jobs_per_process:
             return f"{self.jobs_run} jobs run"
-        rss = resident_mib() if self.max_memory_mib else None
+        rss = peak_resident_mib() if self.max_memory_mib else None
         if self.max_memory_mib and rss is not None and rss > self.max_memory_mib:
-            return f"{rss:.0f} MiB resident, over {self.max_memory_mib:g}"
+            return f"{rss:.0f} MiB resident at its peak, over {self.max_memory_mib:g}"
         return None
 
 
@@ -876,6 +964,20 @@ def resident_mib() -> float | None:
         return int(os.pread(_statm[1], 128, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, AttributeError):  # no /proc; no `pread` (Windows)
         return None
+
+
+def peak_resident_mib() -> float | None:
+    """The most resident memory this process has held (since its fork), or None where unknown (Windows).
+
+    One `getrusage`, which (unlike a read of /proc) does not let go of the GIL: checked after every
+    job, a read handed the GIL to another thread of a threaded worker each time.
+    """
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def recover_claims(connection: Redis, grace_seconds: int) -> list[str]:

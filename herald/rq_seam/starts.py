@@ -8,17 +8,23 @@ same keys, values and TTLs as the two-step start (`tests/test_starts.py` compare
 started needs no claim: it is in the started registry from the moment it leaves its queue, and a worker
 that dies then is recovered as one that died while running it. Written for RQ 3.0's `Execution.create` and
 `Job.prepare_for_execution` (`herald.rq_seam` checks the version).
+
+A worker that runs one job at a time goes further: the end script of a successful job pops and starts
+the next one too (`start_after`, `recovery.FINISH_AND_START_SCRIPT`), so each job costs one round trip.
+A job so popped waits in the worker for the loop's next dequeue; a worker that stops first gives it back
+(`Start.give_back`): the front of its queue, the job's fields as they were, no records of the start.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
-from uuid import uuid4
 
 from redis import Redis
+from redis.client import Pipeline
 from rq import Queue
 from rq.defaults import RQ_KEY_PREFIX
 from rq.executions import WORKER_EXECUTIONS_KEY_TEMPLATE, Execution, ExecutionRegistry
@@ -26,11 +32,11 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.utils import now, utcformat
 
-START_SCRIPT = """
+START_BODY = """
 local job_prefix, execution_id, moment, stamp, iso = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local worker, worker_key, worker_executions = ARGV[6], ARGV[7], ARGV[8]
 local interval, grace, worker_ttl, beat = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12]
-for i = 1, #KEYS do
+for i = FIRST_QUEUE, #KEYS do
   local job_id = redis.call('LPOP', KEYS[i])
   if job_id then
     local job = redis.call('HGETALL', job_prefix .. job_id)
@@ -73,6 +79,7 @@ for i = 1, #KEYS do
 end
 return false
 """
+START_SCRIPT = START_BODY.replace("FIRST_QUEUE", "1")
 """KEYS: the queues, in priority order. ARGV: the job key prefix, the execution's id, the moment (as a
 timestamp, as seconds, as RQ's date string), the worker's name, key and execution index, its job
 heartbeat interval and grace, its own key's least TTL, whether to beat (1) now, the prefixes of the keys
@@ -80,6 +87,16 @@ of executions, of a job's executions, of started registries and of queues. Answe
 id and its hash as read before the start (empty: deleted while queued, nothing written), then the TTL
 the worker's key was given (if it beat) and the started registry's key."""
 START_SHA = hashlib.sha1(START_SCRIPT.encode()).hexdigest()
+START_WORDS = 16
+"""How many of ARGV are the start's (`Start.words`)."""
+
+
+def start_after(first_queue: int) -> str:
+    """Lua that starts the next job as `START_SCRIPT` does, its queues from KEYS[first_queue] and its words
+    ARGV[1..START_WORDS], returning the script's answer (false: no job waiting): for the end of a job."""
+    return f"local function start_next()\n{START_BODY.replace('FIRST_QUEUE', str(first_queue))}end\n"
+
+
 EXECUTION_KEY_PREFIX = f"{RQ_KEY_PREFIX}:execution:"
 """`Execution.key` without its composite key (job id, execution id)."""
 EXECUTIONS_KEY_PREFIX = ExecutionRegistry.key_template.format("")
@@ -116,7 +133,9 @@ class Start:
 
     worker: Starter
     moment: datetime = field(default_factory=now)
-    execution_id: str = field(default_factory=lambda: uuid4().hex)
+    execution_id: str = field(default_factory=lambda: f"{random.getrandbits(128):032x}")
+    """As RQ's (`uuid4().hex`), 32 hexadecimal digits, from `random` (seeded anew in a forked child), not
+    from `os.urandom`, a system call for each job."""
     beat: bool = False
 
     def words(self) -> list[Any]:
@@ -158,11 +177,33 @@ class Start:
 
     def undo(self, connection: Redis, answer: list[Any]) -> None:
         """Remove the start's records of a job that could not be read (RQ drops such a job)."""
+        with connection.pipeline() as pipeline:
+            self._remove_records(pipeline, answer)
+            pipeline.execute()
+
+    def give_back(self, connection: Redis, answer: list[Any]) -> None:
+        """Undo the start of a job the worker will not run (it stopped after the end script that started
+        it): its records removed, the fields the start wrote as they were, and the job back at the front
+        of its queue, where its pop took it from; in one transaction."""
+        job_id, before = answer[1].decode(), dict(zip(answer[2][::2], answer[2][1::2], strict=True))
+        job_key = f"{Job.redis_job_namespace_prefix}{job_id}"
+        with connection.pipeline() as pipeline:
+            self._remove_records(pipeline, answer)
+            if written := [name for name in STARTED_FIELDS if name.encode() not in before]:
+                pipeline.hdel(job_key, *written)
+            if kept := {name: before[name.encode()] for name in STARTED_FIELDS if name.encode() in before}:
+                pipeline.hset(job_key, mapping=kept)  # type: ignore[arg-type]
+            pipeline.lpush(answer[0].decode(), job_id)
+            pipeline.execute()
+
+    def _remove_records(self, pipeline: Pipeline, answer: list[Any]) -> None:
         job_id = answer[1].decode()
         composite = f"{job_id}:{self.execution_id}"
-        with connection.pipeline() as pipeline:
-            pipeline.delete(f"{EXECUTION_KEY_PREFIX}{composite}")
-            pipeline.zrem(f"{EXECUTIONS_KEY_PREFIX}{job_id}", self.execution_id)
-            pipeline.zrem(answer[4].decode(), composite)
-            pipeline.srem(WORKER_EXECUTIONS_KEY_TEMPLATE.format(self.worker.name), composite)
-            pipeline.execute()
+        pipeline.delete(f"{EXECUTION_KEY_PREFIX}{composite}")
+        pipeline.zrem(f"{EXECUTIONS_KEY_PREFIX}{job_id}", self.execution_id)
+        pipeline.zrem(answer[4].decode(), composite)
+        pipeline.srem(WORKER_EXECUTIONS_KEY_TEMPLATE.format(self.worker.name), composite)
+
+
+STARTED_FIELDS = ("last_heartbeat", "status", "started_at", "worker_name")
+"""The job's fields `START_SCRIPT` writes."""
