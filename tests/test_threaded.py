@@ -172,3 +172,17 @@ def test_a_forked_child_gets_a_watchdog_of_its_own() -> None:
         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     finally:
         parent_penalty.cancel_death_penalty()
+
+
+def test_a_short_timeout_set_while_the_watchdog_waits_for_a_longer_one_fires_on_time() -> None:
+    """The watchdog's thread sleeps until its earliest deadline: a deadline earlier than that wakes it."""
+    longer = WatchdogDeathPenalty(30, JobTimeoutException)
+    longer.setup_death_penalty()
+    try:
+        started = time.monotonic()
+        with pytest.raises(JobTimeoutException), WatchdogDeathPenalty(0.3, JobTimeoutException):
+            for _ in range(50):  # the exception comes between two sleeps
+                time.sleep(0.1)
+        assert time.monotonic() - started < 2
+    finally:
+        longer.cancel_death_penalty()

@@ -72,16 +72,13 @@ class Watchdog:
 
     def add(self, penalty: TimerDeathPenalty, seconds: float) -> int:
         """Fire `penalty` in `seconds` unless canceled; the token to cancel it with."""
-        token, deadline = next(self._order), time.monotonic() + seconds
+        token = next(self._order)
         with self._changed:
-            self._drop_canceled()
-            earlier = not self._due or deadline < self._due[0][0]
-            heapq.heappush(self._due, (deadline, token, penalty))
+            heapq.heappush(self._due, (time.monotonic() + seconds, token, penalty))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="job timeouts", daemon=True)
                 self._thread.start()
-            elif earlier:  # else the thread's wait ends before this deadline anyway
-                self._changed.notify()
+            self._changed.notify()
         return token
 
     def cancel(self, token: int) -> None:
@@ -97,15 +94,11 @@ class Watchdog:
                 with suppress(ValueError):  # its thread has ended
                     penalty.handle_death_penalty()
 
-    def _drop_canceled(self) -> None:
-        """Under the lock: the canceled deadlines at the front, gone (a job's is canceled at its end)."""
-        while self._due and self._due[0][1] in self._canceled:
-            self._canceled.discard(heapq.heappop(self._due)[1])
-
     def _wait_for_due(self) -> TimerDeathPenalty:
         """Under the lock: wait until the earliest deadline not canceled passes; its penalty."""
         while True:
-            self._drop_canceled()
+            while self._due and self._due[0][1] in self._canceled:
+                self._canceled.discard(heapq.heappop(self._due)[1])
             wait = self._due[0][0] - time.monotonic() if self._due else None
             if wait is not None and wait <= 0:
                 return heapq.heappop(self._due)[2]
