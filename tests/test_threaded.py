@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Queue
 from rq.job import JobStatus
-from rq.registry import FinishedJobRegistry
+from rq.registry import FinishedJobRegistry, StartedJobRegistry
+from rq.suspension import resume, suspend
 from rq.timeouts import JobTimeoutException
 
 from herald.rq_seam import recovery
@@ -186,3 +187,70 @@ def test_a_short_timeout_set_while_the_watchdog_waits_for_a_longer_one_fires_on_
         assert time.monotonic() - started < 2
     finally:
         longer.cancel_death_penalty()
+
+
+def _script_calls(redis: Redis) -> int:
+    stats: dict[str, dict[str, int]] = redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0)) + int(stats.get("cmdstat_eval", {}).get("calls", 0))
+
+
+def test_short_jobs_are_taken_one_after_another_by_the_end_of_the_one_before(redis: Redis) -> None:
+    """One script per job: each end pops and starts the next for its thread, instead of the main thread's
+    pop (a second script) and a hand-over to another thread."""
+    queue = Queue("default", connection=redis)
+    jobs = [queue.enqueue(fixtures.pid) for _ in range(100)]
+    worker = ThreadedWorker(["default"], connection=redis)
+    worker.set_threads(4)
+    before = _script_calls(redis)
+    assert worker.work(burst=True)
+    assert [job.get_status() for job in jobs] == [JobStatus.FINISHED] * len(jobs)
+    assert _script_calls(redis) - before < 1.2 * len(jobs), "about one script per job"
+    assert redis.zcard("rq:wip:default") == 0 and redis.scard(worker.executions_key) == 0
+
+
+def test_a_suspended_threaded_worker_takes_no_job_until_resumed(
+    redis: Redis, threads: int, processes: StartProcess, env: dict[str, str]
+) -> None:
+    """`rq suspend` stops the jobs' ends from taking the next, as it stops the main thread's pops."""
+    queue = Queue("default", connection=redis)
+    jobs = [queue.enqueue(fixtures.sleep, 0.01) for _ in range(1000)]
+    worker = processes("worker.py", "--processes", "1", wait_for_workers=1)
+    wait_until(lambda: FinishedJobRegistry("default", connection=redis).count >= 20, what="jobs to run")
+    suspend(redis)
+    registry = StartedJobRegistry("default", connection=redis)
+    wait_until(lambda: registry.count == 0 and _states(redis) == [b"suspended"], timeout=10, what="the suspension")
+    suspended_at = time.time()
+    left = queue.count
+    assert left > 0, "the jobs ran out before the suspension: more jobs, or longer ones"
+    resume(redis)
+    resumed_at = time.time()
+    wait_until(lambda: queue.count == 0 and registry.count == 0, timeout=60, what="the rest of the jobs")
+    for job in jobs:
+        job.refresh()
+    starts = [job.started_at.timestamp() for job in jobs if job.started_at is not None]
+    assert len(starts) == len(jobs) and not [moment for moment in starts if suspended_at < moment < resumed_at]
+    assert worker.poll() is None
+
+
+def _states(redis: Redis) -> list[bytes]:
+    keys: set[bytes] = redis.smembers("rq:workers")  # type: ignore[assignment]
+    return [bytes(redis.hget(key, "state") or b"") for key in keys]  # type: ignore[arg-type]
+
+
+def test_a_sigtermed_worker_whose_thread_takes_short_jobs_one_after_another_stops_with_none_left_started(
+    redis: Redis, threads: int, processes: StartProcess
+) -> None:
+    """The main thread waits while a job thread's ends pop the next (`_wait_for_the_chain`): a stop ends
+    that wait, the running job finishes, and the ends pop no more."""
+    queue = Queue("default", connection=redis)
+    jobs = [queue.enqueue(fixtures.sleep, 0.002) for _ in range(3000)]
+    worker = processes("worker.py", "--processes", "1", wait_for_workers=1)
+    finished = FinishedJobRegistry("default", connection=redis)
+    wait_until(lambda: finished.count >= 50, what="jobs to run")
+    os.kill(worker.pid, signal.SIGTERM)
+
+    assert worker.wait(timeout=30) == 0
+    assert StartedJobRegistry("default", connection=redis).count == 0 and redis.zcard(CLAIMS_KEY) == 0
+    statuses = [job.get_status() for job in jobs]
+    assert set(statuses) == {JobStatus.FINISHED, JobStatus.QUEUED}, "the rest left queued"
+    assert statuses.count(JobStatus.QUEUED) == queue.count

@@ -17,7 +17,8 @@ What the seam changes in RQ's behaviour, module by module:
   per job); a job so popped by a worker that then stops goes back to the front of its queue.
 - `threaded`: a `SimpleWorker` that runs WORKER_THREADS jobs at once, in threads made once; their timeouts
   kept by one watchdog thread per process (`WatchdogDeathPenalty`: RQ's `TimerDeathPenalty` starts a timer
-  thread per job and per callback).
+  thread per job and per callback); a job's end pops the next for the same thread (short jobs are not handed
+  between threads), the main thread keeping RQ's loop duties meanwhile.
 - `pool`: RQ's `WorkerPool` runs our workers, and in burst mode also replaces recycled or crashed processes.
 - `schedulers`: rq-scheduler compares due times to the fraction of a second (never early); RQ's cron
   scheduler claims each run in Redis, so several scheduler processes enqueue it once.

@@ -149,14 +149,19 @@ FINISH_AND_RELEASE_SCRIPT = _finish_script(3, 7, RELEASE_AND_ENQUEUE_SCRIPT)
 the next waiting job) in the same script: KEYS and ARGV begin with RQ's release script's own (two
 keys, six words), after the job's end is written, as RQ's `release_slot` requires."""
 FINISH_AND_RELEASE_SHA = hashlib.sha1(FINISH_AND_RELEASE_SCRIPT.encode()).hexdigest()
-FINISH_AND_START_SCRIPT = starts.start_after(3) + _finish_script(
-    1, starts.START_WORDS + 1, "local popped = start_next()\nif popped then\n  return popped\nend\nreturn 1", False
-)
+POPPED_OR_1 = "local popped = start_next()\nif popped then\n  return popped\nend\nreturn 1"
+FINISH_AND_START_SCRIPTS = {
+    idle: starts.start_after(5 if idle else 3) + _finish_script(1, starts.START_WORDS + 1, POPPED_OR_1, idle)
+    for idle in (False, True)
+}
 """The same, then the next waiting job popped and started as `starts.START_SCRIPT` does: KEYS the job's
-dependents set and hash, then the queues; ARGV the start's words (`starts.Start.words`), then the finish's.
-Answers as `FINISH_SCRIPT`, or, where a job was waiting, the start's answer: the next job in the same
-round trip as the end of the one before, for a worker that runs one job at a time."""
-FINISH_AND_START_SHA = hashlib.sha1(FINISH_AND_START_SCRIPT.encode()).hexdigest()
+dependents set and hash, the worker's key and execution index if `idle` (by key: True), then the queues;
+ARGV the start's words (`starts.Start.words`), then the finish's. Answers as `FINISH_SCRIPT`, or, where a
+job was waiting, the start's answer: the next job in the same round trip as the end of the one before (a
+worker set `idle` by the end is set `busy` again by the start, in the same script)."""
+FINISH_AND_START_SHAS = {
+    idle: hashlib.sha1(script.encode()).hexdigest() for idle, script in FINISH_AND_START_SCRIPTS.items()
+}
 
 
 class TakenOver(Exception):
@@ -611,8 +616,14 @@ class _LeanBookkeeping(BaseWorker):
         start = None if job.rate_limit_key else self.next_start()
         if start is not None:
             queues = [queue.key for queue in self._ordered_queues]
-            script, sha, args = FINISH_AND_START_SCRIPT, FINISH_AND_START_SHA, [*start.words(), owner, *words]
-            return self.popped_with_end(start, run_script(self.connection, script, sha, [*keys, *queues], args))
+            idle = len(keys) > 2
+            script, sha = FINISH_AND_START_SCRIPTS[idle], FINISH_AND_START_SHAS[idle]
+            answer = None
+            try:
+                answer = run_script(self.connection, script, sha, [*keys, *queues], [*start.words(), owner, *words])
+            finally:  # raised: None, nothing popped
+                outcome = self.popped_with_end(start, answer)
+            return outcome
         if not job.rate_limit_key:
             return run_script(self.connection, FINISH_SCRIPT, FINISH_SHA, keys, [owner, *words])
         job._status = JobStatus.FINISHED  # as written by the script, before its release part runs
@@ -621,12 +632,12 @@ class _LeanBookkeeping(BaseWorker):
         return run_script(self.connection, script, sha, [*release_keys, *keys], [*release_words, owner, *words])
 
     def next_start(self) -> starts.Start | None:
-        """A start of the next waiting job, for a successful job's end script to write as well (then
-        `idle_keys` must be none); None: the worker pops its next job itself."""
+        """A start of the next waiting job, for a successful job's end script to write as well; None:
+        the worker pops its next job itself."""
         return None
 
     def popped_with_end(self, start: starts.Start, outcome: Any) -> Any:
-        """The end script's outcome, given the start it also wrote (`next_start`)."""
+        """The end script's outcome, given the start it also wrote (`next_start`); None if it raised."""
         return outcome
 
     def idle_keys(self) -> list[str]:

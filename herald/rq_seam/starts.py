@@ -10,7 +10,7 @@ that dies then is recovered as one that died while running it. Written for RQ 3.
 `Job.prepare_for_execution` (`herald.rq_seam` checks the version).
 
 A worker that runs one job at a time goes further: the end script of a successful job pops and starts
-the next one too (`start_after`, `recovery.FINISH_AND_START_SCRIPT`), so each job costs one round trip.
+the next one too (`start_after`, `recovery.FINISH_AND_START_SCRIPTS`), so each job costs one round trip.
 A job so popped waits in the worker for the loop's next dequeue; a worker that stops first gives it back
 (`Start.give_back`): the front of its queue, the job's fields as they were, no records of the start.
 """

@@ -11,6 +11,13 @@ job), since a signal reaches only the main thread. The threads are made once and
 another. A warm shutdown (SIGTERM, SIGINT) stops the claiming and waits for the running jobs; so do the
 end of a burst and a recycle.
 
+Short jobs are not handed from thread to thread: the end script of a job that holds no destination slot
+also pops and starts the next waiting job, which the same thread runs (one round trip per job), and the
+main thread hands a job to another thread only once no job has been started so for `CHAIN_WAIT_SECONDS`
+(the running ones wait on the network) or none runs. Handing the GIL between the claiming thread and the
+job threads at each system call cost a no-op job more CPU than the job itself. While its threads take
+the jobs so, the main thread keeps RQ's duties between two jobs: heartbeats, stops, suspension, maintenance.
+
 RQ's built-in scheduler (retry delays) runs in a thread of the worker (`ThreadScheduler`), not in a
 process forked for it: the same loop, locks and heartbeats, without a third process's memory.
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import heapq
+import inspect
 import itertools
 import os
 import queue
@@ -36,10 +44,12 @@ from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.scheduler import RQScheduler, run
+from rq.suspension import is_suspended
 from rq.timeouts import TimerDeathPenalty
-from rq.worker import WorkerStatus
+from rq.worker import BaseWorker, WorkerStatus
 
-from herald.rq_seam.recovery import RecoveringSimpleWorker, Wakeups
+from herald.rq_seam import starts
+from herald.rq_seam.recovery import ClaimingQueue, RecoveringSimpleWorker, Wakeups
 
 M_ARENA_MAX = -8
 """glibc's `mallopt` parameter: how many malloc arenas a process may make."""
@@ -47,6 +57,9 @@ MALLOC_ARENAS = 2
 _WAITS_FOR_WORK = {threading.Semaphore.acquire.__code__, Wakeups.wait.__code__}
 """Where the main thread waits holding no claim (for a free thread, for a job to come): a stop may end it there."""
 FREE_THREAD_WAIT_SECONDS = 1.0
+CHAIN_WAIT_SECONDS = 0.005
+"""How long the main thread leaves waiting jobs to a thread that takes them one after another, each in the
+end script of its last (`ThreadedWorker._wait_for_the_chain`), before it hands one to another thread."""
 STOP_CHECK_SECONDS = 1
 """How long the main loop waits for a free thread before it sends a heartbeat and looks again."""
 
@@ -184,7 +197,19 @@ class ThreadedWorker(RecoveringSimpleWorker):
         self._jobs: queue.SimpleQueue[tuple[Job, Queue] | None] = queue.SimpleQueue()
         self._pool: list[threading.Thread] = []
         self._state_written = threading.local()
-        """`done`: whether this thread's last job end set the worker's state (`ended_in_script`)."""
+        """`done`: whether this thread's last job end set the worker's state (`ended_in_script`); `popped`:
+        the next job that end popped and started for this thread (`popped_with_end`)."""
+        self._chaining_started_at = float("-inf")
+        """When (monotonic) a job whose end may take the next (one holding no destination slot) last started."""
+        self._chains = True
+        """Whether a job's end takes the next: not within a `work(max_jobs=...)`, whose count is RQ's loop's,
+        nor once the worker is leaving."""
+        self._suspended = False
+        """Whether the last look found the worker suspended (`before_suspension_check`)."""
+        self._reserved = 0
+        """Jobs counted in `jobs_run` before their pop, by a pop under way (`_reserve`)."""
+        self._main_reserved = False
+        """Whether the job the main thread's loop executes next was counted before its pop."""
 
     def set_threads(self, threads: int) -> None:
         """Run up to `threads` jobs at once (before `work`)."""
@@ -216,40 +241,106 @@ class ThreadedWorker(RecoveringSimpleWorker):
                 return result
             self.wait_for_jobs()
 
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        self._chains = inspect.signature(BaseWorker.work).bind(self, *args, **kwargs).arguments.get("max_jobs") is None
+        return bool(super().work(*args, **kwargs))
+
     def _claim_for_a_free_thread(self, timeout: int | None, max_idle_time: int | None) -> tuple[Job, Queue] | None:
+        self._wait_for_the_chain(burst=timeout is None)
         while not self._free.acquire(timeout=FREE_THREAD_WAIT_SECONDS):
-            self.heartbeat()
-        if self._stop_requested:
+            self._between_jobs(burst=timeout is None)
+        if self._stop_requested or not self._reserve_for_main():  # not reserved: its share was taken, recycled
             self._free.release()
             raise StopRequested()
         try:
             result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
         except BaseException:
+            self._settle(popped=False)
             self._free.release()
             raise
         if result is None:
+            self._settle(popped=False)
             self._free.release()
+        self._main_reserved = result is not None
         return result
+
+    def _reserve_for_main(self) -> bool:
+        """`_reserve`, once the pops under way have settled where they hold the last of the share."""
+        with self._count_lock:
+            while not self._reserve():
+                if not self._reserved:
+                    return False
+                self._count_lock.wait(FREE_THREAD_WAIT_SECONDS)
+            return True
+
+    def _reserve(self) -> bool:
+        """Count a job about to be popped in `jobs_run`, so that the main thread's pops and the ends' pops
+        together take no more than `max_jobs_per_process`; False if the share is taken."""
+        with self._count_lock:
+            if self.max_jobs_per_process and self.jobs_run >= self.max_jobs_per_process:
+                return False
+            self.jobs_run += 1
+            self._reserved += 1
+            return True
+
+    def _settle(self, popped: bool) -> None:
+        """A reserved pop is over: its job runs from now, or none came and the count is given back."""
+        with self._count_lock:
+            self._reserved -= 1
+            if popped:
+                self._running += 1
+                self._recycle_if_due()
+            else:
+                self.jobs_run -= 1
+            self._count_lock.notify_all()
+
+    def _wait_for_the_chain(self, burst: bool) -> None:
+        """While a thread takes the waiting jobs one after another (each popped by the end script of the one
+        before: one round trip per job, and no hand-over of the GIL between two threads at each of its
+        system calls), the main thread leaves them to it. It hands a job to another thread once none has
+        started so for `CHAIN_WAIT_SECONDS` (the running jobs wait on something: the network), or none runs."""
+        while self._running and (wait := self._chaining_started_at + CHAIN_WAIT_SECONDS - time.monotonic()) > 0:
+            _leave_to_the_chain(wait)
+            self._between_jobs(burst)
+
+    def _between_jobs(self, burst: bool) -> None:
+        """What RQ's loop does between two jobs, for a main thread that waits while its threads take the
+        jobs: a heartbeat (where a stop ends the wait), the look for a suspension, maintenance."""
+        self.heartbeat()
+        self.check_for_suspension(burst)  # at most once a second
+        if self.should_run_maintenance_tasks:
+            self.run_maintenance_tasks()
+
+    def before_suspension_check(self) -> None:
+        """No job's end takes the next while the worker is suspended (`rq suspend`)."""
+        self._suspended = is_suspended(self.connection, self)
 
     def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
         """The worker is busy while any of its jobs runs: the `idle` RQ's loop writes before each claim
-        (a round trip of the one claiming thread, and a flip the dashboard would show) waits until none does."""
-        if state == WorkerStatus.IDLE and pipeline is None and self._running:
+        (a round trip of the one claiming thread, and a flip the dashboard would show) waits until none does;
+        a suspended worker stays `suspended` (RQ writes it once, then waits) when its last job ends."""
+        if state == WorkerStatus.IDLE and pipeline is None and (self._running or self._suspended):
             return
         super().set_state(state, pipeline)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Hand the job to a free thread of the pool (made on first use). It counts towards
-        `max_jobs_per_process` now: the process claims no more than its share, and ends (once its jobs
-        have) when it has claimed it."""
+        `max_jobs_per_process` from before its pop (`_reserve`): the process claims no more than its share,
+        and ends (once its jobs have) when it has claimed it."""
         with self._count_lock:
-            self._running += 1
-            self.jobs_run += 1
-            self._recycle_if_due()
+            if self._main_reserved:
+                self._main_reserved = False
+                self._settle(popped=True)
+            else:  # a job given otherwise (RQ's tests call `execute_job`)
+                self._running += 1
+                self.jobs_run += 1
+                self._recycle_if_due()
             if len(self._pool) < self.threads:
                 thread = threading.Thread(target=self._serve_jobs, name=f"jobs {len(self._pool) + 1}", daemon=True)
                 self._pool.append(thread)
                 thread.start()
+        if not job.rate_limit_key:
+            self._chaining_started_at = time.monotonic()
         self._jobs.put((job, queue))
 
     def _serve_jobs(self) -> None:
@@ -263,19 +354,55 @@ class ThreadedWorker(RecoveringSimpleWorker):
     def idle_keys(self) -> list[str]:
         """A job's end sets the worker `idle` in its script when it leaves no job running: the script
         sees the execution index, which each start adds to in its own script, so a job started by the
-        main thread meanwhile keeps the worker busy; and an idle worker costs no write of its own."""
-        return [self.key, self.executions_key]
+        main thread meanwhile keeps the worker busy; and an idle worker costs no write of its own. None
+        while the worker is suspended: it shows `suspended` until it is resumed."""
+        return [] if self._suspended else [self.key, self.executions_key]
 
     def ended_in_script(self) -> None:
         self._state_written.done = True
 
-    def next_start(self) -> None:
-        """None: the main thread pops each job, when one of the threads is free to run it."""
-        return None
+    def next_start(self) -> starts.Start | None:
+        """A successful job's end pops and starts the next waiting job, for the same thread to run, unless
+        the worker is stopping or has claimed its share of jobs or memory."""
+        if not self._chains or self._suspended or self._stop_requested or self.recycled:
+            return None
+        if self.recycle_reason() is not None or not self._reserve():
+            return None
+        return starts.Start(self)
+
+    def popped_with_end(self, start: starts.Start, outcome: Any) -> Any:
+        """A job popped by the end script runs next in the same thread, counted as running from now."""
+        self._settle(popped=isinstance(outcome, list))
+        if not isinstance(outcome, list):
+            return outcome
+        self._chaining_started_at = time.monotonic()
+        self._state_written.popped = (outcome, start)
+        return 1
 
     def _run(self, job: Job, queue: Queue) -> None:
+        """Run the job handed to this thread, and each job the end of the one before popped for it."""
+        try:
+            handed: tuple[Job, Queue] | None = (job, queue)
+            while handed is not None:
+                handed = self._run_one(*handed)
+        finally:
+            try:
+                self._give_back_unrun()
+            finally:
+                self._free.release()
+
+    def _give_back_unrun(self) -> None:
+        """A job popped for this thread that an error kept it from running: back at the front of its queue."""
+        popped, self._state_written.popped = getattr(self._state_written, "popped", None), None
+        if popped is not None:
+            self._end_of_job()
+            if popped[0][2]:  # no fields: deleted while queued, nothing started
+                popped[1].give_back(self.connection, popped[0])
+
+    def _run_one(self, job: Job, queue: Queue) -> tuple[Job, Queue] | None:
         ended = False
         self._state_written.done = False
+        self._state_written.popped = None
         try:
             execution = self.prepare_execution(job)
             self.perform_job(job, queue, execution)
@@ -286,7 +413,26 @@ class ThreadedWorker(RecoveringSimpleWorker):
         finally:
             if not ended:
                 self._end_of_job()
-            self._free.release()
+        return self._popped_for_this_thread()
+
+    def _popped_for_this_thread(self) -> tuple[Job, Queue] | None:
+        """The job the end of this thread's last job popped and started, made from its hash; None if
+        none was waiting, or it was deleted while queued (then it is counted out again)."""
+        popped, self._state_written.popped = self._state_written.popped, None
+        if popped is None:
+            return None
+        by_key = {queue.key: queue for queue in self._ordered_queues}
+        try:
+            result = ClaimingQueue._fetch_claimed(
+                self.connection, popped[0], by_key, self.job_class, self.serializer, self.death_penalty_class, popped[1]
+            )
+        except Exception:  # as a pop's: the job is dropped, its start undone (`_fetch_claimed`)
+            self._end_of_job()
+            raise
+        if result is None:
+            self._end_of_job()
+            return None
+        return self._dequeued(*result)
 
     def _end_of_job(self) -> bool:
         """Count a job out; whether none runs now."""
@@ -365,6 +511,7 @@ class ThreadedWorker(RecoveringSimpleWorker):
     def teardown(self) -> None:
         """Wait for the running jobs before the worker leaves the registry (warm shutdown); end the
         threads, so that the worker's next `work` (RQ's tests call it again) makes its own."""
+        self._chains = False  # a StopRequested (a burst worker suspended) ends the loop without `_stop_requested`
         if not self._cold:
             self.wait_for_jobs()
             for _ in self._pool:
@@ -377,3 +524,11 @@ class ThreadedWorker(RecoveringSimpleWorker):
     def wait_for_jobs(self) -> None:
         with self._count_lock:
             self._count_lock.wait_for(lambda: self._running == 0)
+
+
+def _leave_to_the_chain(seconds: float) -> None:
+    """The main thread's wait while a job thread takes the jobs (`_wait_for_the_chain`): a stop may end it."""
+    time.sleep(seconds)
+
+
+_WAITS_FOR_WORK.add(_leave_to_the_chain.__code__)
