@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import warnings
 from typing import Any
@@ -17,6 +18,7 @@ from rq.job import JobStatus
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
 from rq.suspension import resume, suspend
 from rq.timeouts import JobTimeoutException
+from rq.worker import WorkerStatus
 
 from herald.rq_seam import recovery
 from herald.rq_seam.recovery import CLAIMS_KEY, ClaimingQueue
@@ -254,3 +256,20 @@ def test_a_sigtermed_worker_whose_thread_takes_short_jobs_one_after_another_stop
     statuses = [job.get_status() for job in jobs]
     assert set(statuses) == {JobStatus.FINISHED, JobStatus.QUEUED}, "the rest left queued"
     assert statuses.count(JobStatus.QUEUED) == queue.count
+
+
+def test_a_threaded_worker_resumed_with_no_job_running_is_idle(redis: Redis) -> None:
+    """RQ's look for a suspension waits until the worker is resumed, then writes back the state from before
+    it (busy: its jobs were running then), though they ended meanwhile."""
+    worker = ThreadedWorker(["default"], connection=redis)
+    worker.register_birth()
+    worker.set_state(WorkerStatus.BUSY)
+    suspend(redis)
+    resumer = threading.Timer(0.2, resume, args=(redis,))
+    resumer.start()
+    try:
+        worker.check_for_suspension(burst=False)
+        assert redis.hget(worker.key, "state") == b"idle"
+    finally:
+        resumer.join()
+        worker.register_death()

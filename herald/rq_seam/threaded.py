@@ -315,6 +315,16 @@ class ThreadedWorker(RecoveringSimpleWorker):
         """No job's end takes the next while the worker is suspended (`rq suspend`)."""
         self._suspended = is_suspended(self.connection, self)
 
+    def check_for_suspension(self, burst: bool) -> None:
+        """RQ's look waits while the worker is suspended, then writes back the state from before (busy, if
+        jobs ran then); a worker whose jobs all ended meanwhile is idle."""
+        try:
+            super().check_for_suspension(burst)
+        finally:
+            resumed, self._suspended = self._suspended, False
+        if resumed and not self._running:
+            self.set_state(WorkerStatus.IDLE)
+
     def set_state(self, state: str, pipeline: Pipeline | None = None) -> None:
         """The worker is busy while any of its jobs runs: the `idle` RQ's loop writes before each claim
         (a round trip of the one claiming thread, and a flip the dashboard would show) waits until none does;
