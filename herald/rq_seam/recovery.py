@@ -789,15 +789,20 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
         dequeue, which waits, comes next); else a pop."""
         popped, self._popped = self._popped, None
         found_empty, self._found_empty = self._found_empty, False
-        if popped is not None:
-            by_key = {queue.key: queue for queue in self._ordered_queues}
-            serializer, penalty = self.serializer, self.death_penalty_class
-            result = ClaimingQueue._fetch_claimed(
-                self.connection, popped[0], by_key, self.job_class, serializer, penalty, popped[1]
-            )
-            if result is not None:
-                return self._dequeued(*result)
+        result = None if popped is None else self.job_popped_with_end(popped)
+        if result is not None:
+            return result
         return None if found_empty else super()._waiting_job()
+
+    def job_popped_with_end(self, popped: tuple[list[Any], starts.Start]) -> tuple[Job, Queue] | None:
+        """The job an end script popped and started (its answer, and the start), made from the hash the
+        script read, as RQ's dequeue does; None if it was deleted while queued (nothing was started)."""
+        by_key = {queue.key: queue for queue in self._ordered_queues}
+        serializer, penalty = self.serializer, self.death_penalty_class
+        result = ClaimingQueue._fetch_claimed(
+            self.connection, popped[0], by_key, self.job_class, serializer, penalty, popped[1]
+        )
+        return None if result is None else self._dequeued(*result)
 
     def before_suspension_check(self) -> None:
         """A suspended worker gives back the job the end of the one before popped, before it waits to be
@@ -809,7 +814,12 @@ class RecoveringSimpleWorker(_LeanBookkeeping, SimpleWorker):
         """A job the end script popped and started, which the worker leaves without running (it stopped):
         back at the front of its queue, as if never popped."""
         popped, self._popped = self._popped, None
-        if popped is not None and popped[0][2]:  # no fields: deleted while queued, nothing started
+        if popped is not None:
+            self.give_back(popped)
+
+    def give_back(self, popped: tuple[list[Any], starts.Start]) -> None:
+        """A job an end script popped and started, back at the front of its queue (`Start.give_back`)."""
+        if popped[0][2]:  # no fields: deleted while queued, nothing started
             popped[1].give_back(self.connection, popped[0])
 
     def beat_due(self, ttl: int) -> bool:

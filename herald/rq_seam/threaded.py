@@ -49,7 +49,7 @@ from rq.timeouts import TimerDeathPenalty
 from rq.worker import BaseWorker, WorkerStatus
 
 from herald.rq_seam import starts
-from herald.rq_seam.recovery import ClaimingQueue, RecoveringSimpleWorker, Wakeups
+from herald.rq_seam.recovery import RecoveringSimpleWorker, Wakeups
 
 M_ARENA_MAX = -8
 """glibc's `mallopt` parameter: how many malloc arenas a process may make."""
@@ -406,8 +406,7 @@ class ThreadedWorker(RecoveringSimpleWorker):
         popped, self._state_written.popped = getattr(self._state_written, "popped", None), None
         if popped is not None:
             self._end_of_job()
-            if popped[0][2]:  # no fields: deleted while queued, nothing started
-                popped[1].give_back(self.connection, popped[0])
+            self.give_back(popped)
 
     def _run_one(self, job: Job, queue: Queue) -> tuple[Job, Queue] | None:
         ended = False
@@ -431,18 +430,13 @@ class ThreadedWorker(RecoveringSimpleWorker):
         popped, self._state_written.popped = self._state_written.popped, None
         if popped is None:
             return None
-        by_key = {queue.key: queue for queue in self._ordered_queues}
+        result = None
         try:
-            result = ClaimingQueue._fetch_claimed(
-                self.connection, popped[0], by_key, self.job_class, self.serializer, self.death_penalty_class, popped[1]
-            )
-        except Exception:  # as a pop's: the job is dropped, its start undone (`_fetch_claimed`)
-            self._end_of_job()
-            raise
-        if result is None:
-            self._end_of_job()
-            return None
-        return self._dequeued(*result)
+            result = self.job_popped_with_end(popped)
+        finally:  # raised: as a pop's error, the job is dropped and its start undone (`_fetch_claimed`)
+            if result is None:
+                self._end_of_job()
+        return result
 
     def _end_of_job(self) -> bool:
         """Count a job out; whether none runs now."""
