@@ -171,21 +171,22 @@ def test_a_delivery_update_sets_fields_of_a_record_and_never_recreates_a_gone_on
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")
-def test_a_forked_child_reads_its_own_resident_memory() -> None:
-    """The memory check keeps /proc/<pid>/statm open; a forked child (a pool process) must not read its
-    parent's through the descriptor it inherited."""
-    parent_mib = recovery.resident_mib()
+def test_a_forked_child_reads_its_own_peak_resident_memory() -> None:
+    """The memory check after each job reads the process's peak: a forked child (a pool process) grows its
+    own, and its parent's is left as it was."""
+    parent_mib = recovery.peak_resident_mib()
     assert parent_mib is not None
     reading, writing = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
+        before = recovery.peak_resident_mib() or 0
         grown = bytearray(200 * 2**20)  # zero pages are not resident until written
         grown[:: mmap.PAGESIZE] = b"x" * len(grown[:: mmap.PAGESIZE])
-        os.write(writing, str(recovery.resident_mib()).encode())
+        os.write(writing, str((recovery.peak_resident_mib() or 0) - before).encode())
         os._exit(0)
     os.close(writing)
     with os.fdopen(reading) as answer:
-        child_mib = float(answer.read())
+        child_growth_mib = float(answer.read())
     os.waitpid(child, 0)
-    assert child_mib > parent_mib + 150
-    assert (recovery.resident_mib() or 0) < parent_mib + 50
+    assert child_growth_mib > 150
+    assert (recovery.peak_resident_mib() or 0) < parent_mib + 50

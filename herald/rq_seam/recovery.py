@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import sys
 import threading
 import time
@@ -968,23 +967,6 @@ class JobHeartbeats:
             self.worker.maintain_heartbeats(job, execution)
         except RedisError as exc:
             log.warning("job %s: heartbeat not sent (%s)", job.id, type(exc).__name__)
-
-
-_statm: tuple[int, int] | None = None
-"""(pid, descriptor) of this process's open /proc/<pid>/statm: a job's end reads it with one `pread`."""
-
-
-def resident_mib() -> float | None:
-    """This process's resident memory (Linux), or None where /proc is missing."""
-    global _statm
-    try:
-        if _statm is None or _statm[0] != os.getpid():  # a forked child opens its own
-            if _statm is not None:
-                os.close(_statm[1])  # the parent's, inherited
-            _statm = (os.getpid(), os.open(f"/proc/{os.getpid()}/statm", os.O_RDONLY))
-        return int(os.pread(_statm[1], 128, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, AttributeError):  # no /proc; no `pread` (Windows)
-        return None
 
 
 def peak_resident_mib() -> float | None:
